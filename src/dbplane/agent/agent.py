@@ -1,0 +1,219 @@
+"""The agent: one per host, labelled with a zone.
+
+Each pass reads the members placed on this host from etcd and makes the host match:
+a Patroni process per member (running as the service account), config files written,
+deleted members stopped and removed. It reports what it sees under member-status/ and
+keeps its host key alive under a lease, so the controller knows which hosts are up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+from pathlib import Path
+
+from .. import process
+from ..models import DatabaseSecrets, DatabaseSpec, Host, MemberSpec, MemberStatus
+from ..errors import StoreUnavailable
+from ..paths import write_private
+from ..process import RunAs
+from ..store import Store, keys
+from ..system import check_account_can_use, postgres_bin_dir, venv_python
+from . import patroni
+from .postgres import stop_postgres
+
+log = logging.getLogger("dbplane.agent")
+
+HOST_TTL = 10          # seconds without the agent before its host counts as down
+PASS_INTERVAL = 2.0    # longest wait between passes when nothing changes
+
+
+def port_free(address: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, port))
+            return True
+        except OSError:
+            return False
+
+
+class Agent:
+    def __init__(self, etcd_url: str, name: str, zone: str, address: str, host_dir: Path,
+                 run_as: RunAs | None):
+        self.etcd_url = etcd_url
+        self.host = Host(name=name, zone=zone, address=address, data_dir=str(host_dir))
+        self.host_dir = host_dir
+        self.members_dir = host_dir / "members"
+        self.run_as = run_as
+        self.python = venv_python()
+        self.bin_dir = postgres_bin_dir()
+        self._stopping = asyncio.Event()
+        self._reported: dict[str, tuple] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        self.members_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.host_dir, self.members_dir):
+            os.chmod(d, 0o755)
+        check_account_can_use(self.run_as, [self.python, self.bin_dir + "/postgres",
+                                            str(self.members_dir)])
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        self.prepare()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        while not self._stopping.is_set():
+            try:
+                async with Store(self.etcd_url) as store:
+                    await self._serve(store)
+            except StoreUnavailable as e:
+                log.warning("%s; retrying", e)   # Patroni keeps running meanwhile
+                await self._wait_stop(2.0)
+        await asyncio.get_running_loop().run_in_executor(None, self.stop_all_members)
+        log.info("agent %s stopped", self.host.name)
+
+    async def _wait_stop(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _serve(self, store: Store) -> None:
+        lease = await store.lease(HOST_TTL)
+        await store.put(keys.host(self.host.name), self.host, lease=lease)
+        log.info("agent %s (zone %s) registered", self.host.name, self.host.zone)
+        changes = store.changes(keys.members(), keys.ROOT + "secrets/")
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await store.refresh(lease)
+                    if await store.get_raw(keys.host(self.host.name)) is None:
+                        lease = await store.lease(HOST_TTL)       # lease expired: register again
+                        await store.put(keys.host(self.host.name), self.host, lease=lease)
+                except Exception:
+                    lease = await store.lease(HOST_TTL)
+                    await store.put(keys.host(self.host.name), self.host, lease=lease)
+                await self.reconcile(store)
+                wait = asyncio.create_task(changes.wait(PASS_INTERVAL))
+                stop = asyncio.create_task(self._stopping.wait())
+                await asyncio.wait({wait, stop}, return_when=asyncio.FIRST_COMPLETED)
+                for t in (wait, stop):
+                    t.cancel()
+            await store.delete(keys.host(self.host.name))
+        finally:
+            changes.close()
+
+    # -- one pass ------------------------------------------------------------------------
+
+    async def reconcile(self, store: Store) -> None:
+        mine = [m for m in await store.list(keys.members(), MemberSpec)
+                if m.host == self.host.name]
+        for member in mine:
+            try:
+                await self.ensure_member(store, member)
+            except StoreUnavailable:
+                raise
+            except Exception as e:   # one broken member must not stop the others
+                log.exception("member %s", member.name)
+                await self.report(store, member, "failed", f"agent error: {e}")
+        await self.stop_orphans({m.name for m in mine})
+
+    async def ensure_member(self, store: Store, member: MemberSpec) -> None:
+        mdir = self.members_dir / member.name
+        pidfile = mdir / "patroni.pid"
+        if member.deleting:
+            await asyncio.get_running_loop().run_in_executor(None, self.remove_member, mdir)
+            await self.report(store, member, "deleted", "stopped and removed")
+            return
+        spec = await store.get(keys.database_spec(member.database), DatabaseSpec)
+        secrets = await store.get(keys.secrets(member.database), DatabaseSecrets)
+        if spec is None or secrets is None:
+            await self.report(store, member, "starting", "waiting for the database's spec and secrets")
+            return
+        changed = self.write_config(member, spec, secrets, mdir)
+        pid = process.running_pid(pidfile)
+        if pid is not None:
+            if changed:
+                os.kill(pid, signal.SIGHUP)       # Patroni reloads its local configuration
+            await self.report(store, member, "running", "patroni running", pid)
+            return
+        for port in (member.pg_port, member.api_port):
+            if not port_free(member.address, port):
+                await self.report(store, member, "failed",
+                                  f"port {port} on {member.address} is in use by another process",
+                                  reason="port_in_use")
+                return
+        pid = process.start([self.python, "-m", "patroni", str(mdir / "patroni.yml")], pidfile,
+                            mdir / "patroni.log", env=self.child_env(), cwd=str(mdir),
+                            run_as=self.run_as)
+        log.info("started patroni for %s (pid %d)", member.name, pid)
+        await self.report(store, member, "starting", "patroni started", pid)
+
+    def write_config(self, member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,
+                     mdir: Path) -> bool:
+        owner = (self.run_as.uid, self.run_as.gid) if self.run_as else None
+        if not mdir.exists():
+            mdir.mkdir(parents=True, mode=0o700)
+            if owner:
+                os.chown(mdir, *owner)
+        text = patroni.render(member, spec, secrets, [self.etcd_url], self.bin_dir, str(mdir))
+        path = mdir / "patroni.yml"
+        if path.exists() and path.read_text() == text:
+            return False
+        write_private(path, text, owner=owner)
+        return True
+
+    def child_env(self) -> dict:
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8",
+                "PYTHONUNBUFFERED": "1", "HOME": "/tmp"}
+
+    async def report(self, store: Store, member: MemberSpec, state: str, message: str,
+                     pid: int | None = None, reason: str = "") -> None:
+        """Write member status only when it changed: status writes wake the controller."""
+        key = (state, message, pid, member.pg_port)
+        if self._reported.get(member.name) == key:
+            return
+        await store.put(keys.member_status(member.database, member.name),
+                        MemberStatus(name=member.name, database=member.database,
+                                     host=self.host.name, state=state, message=message, pid=pid,
+                                     reason=reason))
+        self._reported[member.name] = key
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def stop_member(self, mdir: Path) -> None:
+        process.stop(mdir / "patroni.pid", timeout=60)
+        stop_postgres(mdir / "data")
+
+    def remove_member(self, mdir: Path) -> None:
+        if mdir.exists():
+            self.stop_member(mdir)
+            shutil.rmtree(mdir)
+
+    async def stop_orphans(self, wanted: set[str]) -> None:
+        """Members on disk that are no longer placed here: stop them, keep their data."""
+        if not self.members_dir.exists():
+            return
+        for mdir in self.members_dir.iterdir():
+            if mdir.name not in wanted and process.running_pid(mdir / "patroni.pid"):
+                log.warning("member %s is no longer placed on this host; stopping it, keeping "
+                            "its data in %s", mdir.name, mdir)
+                await asyncio.get_running_loop().run_in_executor(None, self.stop_member, mdir)
+
+    def stop_all_members(self) -> None:
+        if not self.members_dir.exists():
+            return
+        for mdir in self.members_dir.iterdir():
+            if process.running_pid(mdir / "patroni.pid"):
+                self.stop_member(mdir)

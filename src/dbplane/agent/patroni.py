@@ -1,0 +1,99 @@
+"""Patroni configuration for one member, rendered from the member's placement, the
+database spec and its secrets. Pure functions: no I/O here."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import yaml
+
+from ..classes import get_class
+from ..models import DatabaseSecrets, DatabaseSpec, MemberSpec
+from ..store.keys import PATRONI_NAMESPACE
+
+# Failure detection: the leader key lives `ttl` seconds; Patroni's minimum is 20 and it
+# needs loop_wait + 2 * retry_timeout <= ttl. Patroni's defaults are 30/10/10.
+DCS_TIMING = {"ttl": 20, "loop_wait": 2, "retry_timeout": 5}
+
+BASE_PARAMETERS = {
+    "wal_level": "replica",
+    "hot_standby": "on",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+    "wal_keep_size": "256MB",
+    "wal_log_hints": "on",                  # pg_rewind after failover
+    "password_encryption": "scram-sha-256",
+    "unix_socket_directories": "",          # TCP only: no socket path length limits
+    "shared_preload_libraries": "pg_stat_statements",
+    "track_io_timing": "on",
+}
+
+
+def etcd_hosts(etcd_urls: list[str]) -> list[str]:
+    hosts = []
+    for url in etcd_urls:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        hosts.append(f"{parts.hostname}:{parts.port or 2379}")
+    return hosts
+
+
+def postgres_parameters(spec: DatabaseSpec) -> dict[str, str]:
+    """Effective cluster-wide parameters: base, then instance class, then user --param."""
+    return {**BASE_PARAMETERS, **get_class(spec.instance_class).settings, **spec.params}
+
+
+def render(member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,
+           etcd_urls: list[str], bin_dir: str, member_dir: str) -> str:
+    listen_pg = f"{member.address}:{member.pg_port}"
+    listen_api = f"{member.address}:{member.api_port}"
+    is_replica = member.kind == "replica"
+    hba = [
+        "host replication replicator 0.0.0.0/0 scram-sha-256",
+        "host replication replicator ::/0 scram-sha-256",
+        "host all all 0.0.0.0/0 scram-sha-256",
+        "host all all ::/0 scram-sha-256",
+    ]
+    config = {
+        "scope": spec.name,
+        "name": member.name,
+        "namespace": PATRONI_NAMESPACE,
+        "restapi": {"listen": listen_api, "connect_address": listen_api},
+        "etcd3": {"hosts": etcd_hosts(etcd_urls)},
+        "bootstrap": {
+            "dcs": {
+                **DCS_TIMING,
+                "maximum_lag_on_failover": 16 * 1024 * 1024,
+                "synchronous_mode": spec.multi_az,
+                "synchronous_mode_strict": False,
+                "synchronous_node_count": 1,
+                "postgresql": {
+                    "use_pg_rewind": True,
+                    "use_slots": True,
+                    "parameters": postgres_parameters(spec),
+                    "pg_hba": hba,
+                },
+            },
+            "initdb": [{"encoding": "UTF8"}, {"locale": "C"}, "data-checksums"],
+        },
+        "postgresql": {
+            "listen": listen_pg,
+            "connect_address": listen_pg,
+            "data_dir": f"{member_dir}/data",
+            "bin_dir": bin_dir,
+            "pgpass": f"{member_dir}/pgpass",
+            "authentication": {
+                "superuser": {"username": "postgres", "password": secrets.superuser},
+                "replication": {"username": "replicator", "password": secrets.replication},
+                "rewind": {"username": "rewinder", "password": secrets.rewind},
+            },
+            "parameters": {"unix_socket_directories": ""},
+            "pg_hba": hba,
+        },
+        "tags": {
+            "nofailover": is_replica,
+            "nosync": is_replica,
+            "zone": member.zone,
+            "dbplane_host": member.host,
+        },
+    }
+    return yaml.safe_dump(config, sort_keys=False)

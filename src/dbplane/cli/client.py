@@ -1,0 +1,58 @@
+"""HTTP client of the dbplane API; API errors become DbplaneError with the server's code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+
+from ..errors import DbplaneError, PlatformNotRunning
+from ..paths import Layout, data_root
+
+
+class ApiClient:
+    def __init__(self, base_url: str, timeout: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    @classmethod
+    def from_environment(cls, data_dir: str | None = None, api: str | None = None) -> "ApiClient":
+        url = api or os.environ.get("DBPLANE_API")
+        if not url:
+            url = Layout(data_root(data_dir)).read_platform().api_url
+        return cls(url)
+
+    def request(self, method: str, path: str, **kwargs):
+        try:
+            r = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            raise PlatformNotRunning(
+                f"the dbplane API at {self.base_url} is not answering ({type(e).__name__})",
+                "start the platform with 'dbplane up', or check --data-dir / DBPLANE_HOME"
+            ) from None
+        if r.status_code >= 400:
+            try:
+                err = r.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                err = {"code": "http_error", "message": f"HTTP {r.status_code}: {r.text[:200]}",
+                       "hint": ""}
+            raise DbplaneError(err["message"], err.get("hint", ""), code=err["code"],
+                               status=r.status_code)
+        return r.json()
+
+    def get(self, path: str, **params):
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def post(self, path: str, body: dict | None = None):
+        return self.request("POST", path, json=body or {})
+
+    def patch(self, path: str, body: dict):
+        return self.request("PATCH", path, json=body)
+
+    def delete(self, path: str):
+        return self.request("DELETE", path)
+
+
+def pgpass_file(data_dir: str | None, db: str) -> Path:
+    return Layout(data_root(data_dir)).pgpass(db)

@@ -1,0 +1,319 @@
+"""`dbplane` command line. Every database verb is a call to the REST API; `up`, `down`
+and the component runners (`controller`, `api`, `agent`) run processes on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn
+
+from ..errors import DbplaneError, InvalidInput
+from ..parameters import parse_params
+from ..paths import Layout, data_root
+from . import render
+from .client import ApiClient, pgpass_file
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="dbplane: managed PostgreSQL on your own machines.")
+db_app = typer.Typer(no_args_is_help=True, help="Create, inspect, change and delete databases.")
+ops_app = typer.Typer(no_args_is_help=True, help="Long-running operations.")
+app.add_typer(db_app, name="db")
+app.add_typer(ops_app, name="ops")
+
+
+class Output(str, Enum):
+    table = "table"
+    json = "json"
+
+
+OutputOpt = typer.Option(Output.table, "--output", "-o", help="table or json")
+
+
+class _State:
+    data_dir: Optional[str] = None
+    api: Optional[str] = None
+
+
+state = _State()
+
+
+@app.callback()
+def _global(data_dir: Optional[Path] = typer.Option(
+                None, "--data-dir", envvar="DBPLANE_HOME",
+                help="data root of the platform (default /var/lib/dbplane as root)"),
+            api: Optional[str] = typer.Option(None, "--api", envvar="DBPLANE_API",
+                                              help="API URL (default: from the data root)")):
+    state.data_dir = str(data_dir) if data_dir else None
+    state.api = api
+
+
+def client() -> ApiClient:
+    return ApiClient.from_environment(state.data_dir, state.api)
+
+
+def root() -> Path:
+    return data_root(state.data_dir)
+
+
+# -- platform ---------------------------------------------------------------------------
+
+@app.command()
+def up(demo: bool = typer.Option(False, "--demo", help="also create a demo Multi-AZ database"),
+       port_base: Optional[int] = typer.Option(None, help="first of the ports to use "
+                                               "(etcd, etcd peer, API; members from +10)")):
+    """Start etcd, the controller, the API and three agents (zones a, b, c) on 127.0.0.1."""
+    from ..platform import launcher
+    info = launcher.up(root(), port_base, say=lambda m: render.err_console.print(f"  {m}"))
+    render.console.print(f"dbplane is up: API {info.api_url}, etcd {info.etcd_url}, "
+                         f"data in {root()}")
+    if demo:
+        c = client()
+        existing = {d["name"] for d in c.get("/v1/databases")}
+        if "demo" not in existing:
+            op = c.post("/v1/databases", {"name": "demo", "class": "micro", "multi_az": True,
+                                          "replicas": 1})
+            wait_operation(c, op)
+        d = c.get("/v1/databases/demo")
+        render.describe_database(d)
+        render.console.print(f"\nconnect:  dbplane db connect demo"
+                             f"\n          psql '{libpq_url(d, reader=False)}'")
+
+
+@app.command()
+def down():
+    """Stop every component of the platform; data is kept for the next 'dbplane up'."""
+    from ..platform import launcher
+    stopped = launcher.down(root(), say=lambda m: render.err_console.print(f"  {m}"))
+    render.console.print("dbplane is down" if stopped else "dbplane was not running")
+
+
+@app.command()
+def status(output: Output = OutputOpt):
+    """Which components of the platform run on this machine."""
+    from ..platform import launcher
+    rows = [{"component": c, "pid": pid, "state": "running" if pid else "stopped"}
+            for c, pid in launcher.status(root()).items()]
+    render.output(rows, output.value, [("component", "COMPONENT"), ("state", "STATE"),
+                                       ("pid", "PID")])
+
+
+@app.command()
+def hosts(output: Output = OutputOpt):
+    """Agents (hosts) that are alive, with their zones."""
+    render.output(client().get("/v1/hosts"), output.value,
+                  [("name", "HOST"), ("zone", "ZONE"), ("address", "ADDRESS")])
+
+
+@app.command()
+def classes(output: Output = OutputOpt):
+    """Instance classes and the PostgreSQL settings they map to."""
+    rows = client().get("/v1/classes")
+    for r in rows:
+        r["shared_buffers"] = r["settings"]["shared_buffers"]
+        r["work_mem"] = r["settings"]["work_mem"]
+    render.output(rows, output.value, [("name", "CLASS"), ("memory_mb", "MEMORY MB"),
+                                       ("max_connections", "MAX CONN"),
+                                       ("shared_buffers", "SHARED BUFFERS"),
+                                       ("work_mem", "WORK MEM"), ("description", "")])
+
+
+# -- databases ----------------------------------------------------------------------------
+
+def wait_operation(c: ApiClient, op: dict, timeout: float = 900.0) -> dict:
+    """Poll an operation with a progress bar on stderr; raise if it fails."""
+    deadline = time.monotonic() + timeout
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  console=render.err_console, transient=True) as progress:
+        task = progress.add_task(f"{op['kind']} {op['database']}", total=100)
+        while not op["state"] in ("succeeded", "failed"):
+            if time.monotonic() > deadline:
+                raise DbplaneError(f"operation {op['id']} still {op['state']} after {timeout:.0f}s",
+                                   f"follow it with 'dbplane ops show {op['id']}'", code="timeout")
+            time.sleep(0.5)
+            op = c.get(f"/v1/operations/{op['id']}")
+            progress.update(task, completed=op["progress"],
+                            description=f"{op['kind']} {op['database']}: {op['message']}"[:90])
+    if op["state"] == "failed":
+        err = op.get("error") or {"code": "operation_failed", "message": op["message"], "hint": ""}
+        raise DbplaneError(err["message"], err.get("hint", ""), code=err["code"])
+    return op
+
+
+def _started(op: dict, wait: bool, output: Output) -> None:
+    if wait:
+        op = wait_operation(client(), op)
+    if output == Output.json:
+        render.as_json(op)
+    else:
+        render.console.print(f"{op['kind']} {op['database']}: operation {op['id']} {op['state']}"
+                             + ("" if wait else f" (follow: dbplane ops show {op['id']})"))
+
+
+@db_app.command("create")
+def db_create(name: str,
+              instance_class: str = typer.Option("small", "--class", help="see 'dbplane classes'"),
+              multi_az: bool = typer.Option(False, "--multi-az/--no-multi-az",
+                                            help="synchronous standby in another zone"),
+              replicas: int = typer.Option(0, help="asynchronous read replicas"),
+              storage_gb: int = typer.Option(10, help="storage quota in GB"),
+              param: list[str] = typer.Option([], "--param", help="PostgreSQL setting k=v"),
+              wait: bool = typer.Option(False, "--wait", help="wait until available"),
+              output: Output = OutputOpt):
+    """Create a database."""
+    op = client().post("/v1/databases", {
+        "name": name, "class": instance_class, "multi_az": multi_az, "replicas": replicas,
+        "storage_gb": storage_gb, "params": parse_params(param)})
+    _started(op, wait, output)
+
+
+@db_app.command("list")
+def db_list(output: Output = OutputOpt):
+    """List databases."""
+    rows = client().get("/v1/databases")
+    for r in rows:
+        r["writer"] = r["endpoints"]["writer"]
+        r["az"] = "multi" if r["multi_az"] else "single"
+    render.output(rows, output.value, [("name", "NAME"), ("status", "STATUS"), ("class", "CLASS"),
+                                       ("az", "AZ"), ("members", "MEMBERS"), ("writer", "WRITER")])
+
+
+@db_app.command("describe")
+def db_describe(name: str, output: Output = OutputOpt):
+    """Show a database: status, endpoints and members with their roles and lag."""
+    d = client().get(f"/v1/databases/{name}")
+    if output == Output.json:
+        render.as_json(d)
+    else:
+        render.describe_database(d)
+
+
+@db_app.command("delete")
+def db_delete(name: str, wait: bool = typer.Option(False, "--wait"), output: Output = OutputOpt):
+    """Delete a database and all its members' data."""
+    _started(client().delete(f"/v1/databases/{name}"), wait, output)
+
+
+def libpq_url(d: dict, reader: bool) -> str:
+    endpoint = d["endpoints"]["reader" if reader else "writer"]
+    if not endpoint:
+        raise DbplaneError(f"database {d['name']} has no {'reader' if reader else 'writer'} "
+                           "endpoint yet", f"its status is {d['status']}: {d['status_message']}",
+                           code="no_endpoint")
+    return (f"postgresql://{d['admin_user']}@{endpoint}/postgres"
+            f"?passfile={pgpass_file(state.data_dir, d['name'])}")
+
+
+@db_app.command("url")
+def db_url(name: str, reader: bool = typer.Option(False, "--reader", help="the reader endpoint")):
+    """Print a libpq URL for the database (the password stays in a 0600 passfile)."""
+    print(libpq_url(client().get(f"/v1/databases/{name}"), reader))
+
+
+@db_app.command("connect")
+def db_connect(name: str, reader: bool = typer.Option(False, "--reader")):
+    """Open psql on the database's writer (or reader) endpoint."""
+    from ..system import postgres_bin_dir
+    url = libpq_url(client().get(f"/v1/databases/{name}"), reader)
+    psql = os.path.join(postgres_bin_dir(), "psql")
+    os.execv(psql, [psql, url])
+
+
+# -- operations and events ----------------------------------------------------------------
+
+@ops_app.command("list")
+def ops_list(database: Optional[str] = typer.Option(None, "--database", "-d"),
+             output: Output = OutputOpt):
+    """List operations, oldest first."""
+    rows = client().get("/v1/operations", database=database)
+    for r in rows:
+        r["created"] = render.when(r["created_at"])
+    render.output(rows, output.value, [("id", "ID"), ("kind", "KIND"), ("database", "DATABASE"),
+                                       ("state", "STATE"), ("progress", "%"),
+                                       ("created", "CREATED"), ("message", "MESSAGE")])
+
+
+@ops_app.command("show")
+def ops_show(op_id: str, output: Output = OutputOpt):
+    """Show one operation with its events."""
+    op = client().get(f"/v1/operations/{op_id}")
+    if output == Output.json:
+        render.as_json(op)
+        return
+    render.console.print(f"{op['id']}  {op['kind']} {op['database']}  {op['state']} "
+                         f"{op['progress']}%")
+    if op.get("error"):
+        render.console.print(f"  error: {op['error']['message']}; {op['error']['hint']}")
+    render.table([{"time": render.when(e["time"]), "message": e["message"]} for e in op["events"]],
+                 [("time", "TIME"), ("message", "EVENT")])
+
+
+@app.command()
+def events(database: Optional[str] = typer.Argument(None), limit: int = 50,
+           output: Output = OutputOpt):
+    """Recent events (failovers, placements, deletions), optionally for one database."""
+    rows = client().get("/v1/events", database=database, limit=limit)
+    for r in rows:
+        r["when"] = render.when(r["time"])
+    render.output(rows, output.value, [("when", "TIME"), ("database", "DATABASE"),
+                                       ("kind", "KIND"), ("message", "MESSAGE")])
+
+
+# -- component runners ----------------------------------------------------------------------
+
+def _logging(component: str) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@app.command(hidden=False)
+def controller(etcd: str = typer.Option(..., help="etcd URL, e.g. http://127.0.0.1:2379")):
+    """Run the controller (reconcilers) in the foreground."""
+    from ..controlplane.controller import Controller
+    _logging("controller")
+    asyncio.run(Controller(etcd, root()).run())
+
+
+@app.command()
+def api(etcd: str = typer.Option(..., help="etcd URL"),
+        listen: str = typer.Option("127.0.0.1:8432", help="address:port to serve on")):
+    """Run the REST API server in the foreground."""
+    import uvicorn
+    from ..httpapi.app import create_app
+    _logging("api")
+    host, _, port = listen.rpartition(":")
+    uvicorn.run(create_app(etcd), host=host, port=int(port), log_level="warning")
+
+
+@app.command()
+def agent(etcd: str = typer.Option(..., help="etcd URL"),
+          zone: str = typer.Option(..., help="zone label of this host, e.g. a"),
+          name: Optional[str] = typer.Option(None, help="host name (default: host-<zone>)"),
+          address: str = typer.Option("127.0.0.1", help="address databases listen on")):
+    """Run a host agent in the foreground: it supervises Patroni + PostgreSQL here."""
+    from ..agent.agent import Agent
+    from ..paths import Layout
+    from ..system import ensure_service_account
+    _logging(f"agent-{zone}")
+    host = name or f"host-{zone}"
+    asyncio.run(Agent(etcd, host, zone, address, Layout(root()).host_dir(host),
+                      ensure_service_account()).run())
+
+
+def main() -> None:
+    try:
+        app()
+    except DbplaneError as e:
+        render.err_console.print(f"error: {e.message}" + (f"; {e.hint}" if e.hint else ""),
+                                 highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""The controller: reconcilers that turn database specs into placed, running members."""

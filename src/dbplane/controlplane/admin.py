@@ -1,0 +1,31 @@
+"""The database's admin user (like RDS's master user), created on the primary once it is
+up, with a SCRAM verifier so the password never appears in SQL text."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from ..models import DatabaseSecrets, MemberSpec
+from ..paths import write_private
+from ..security.scram import verifier
+
+
+async def ensure_admin_user(primary: MemberSpec, user: str, secrets: DatabaseSecrets) -> None:
+    async with await psycopg.AsyncConnection.connect(
+            host=primary.address, port=primary.pg_port, user="postgres",
+            password=secrets.superuser, dbname="postgres", connect_timeout=5,
+            autocommit=True) as conn:
+        exists = await (await conn.execute(
+            "SELECT 1 FROM pg_roles WHERE rolname = %s", (user,))).fetchone()
+        verb = "ALTER" if exists else "CREATE"
+        await conn.execute(sql.SQL(
+            "{} ROLE {} LOGIN CREATEDB CREATEROLE PASSWORD {}").format(
+                sql.SQL(verb), sql.Identifier(user), sql.Literal(verifier(secrets.admin))))
+        await conn.execute(sql.SQL("GRANT pg_monitor, pg_signal_backend TO {}").format(
+            sql.Identifier(user)))
+
+
+def write_pgpass(path, user: str, password: str) -> None:
+    """A libpq password file for the admin user, any host and port (endpoints move)."""
+    write_private(path, f"*:*:*:{user}:{password}\n")

@@ -1,0 +1,235 @@
+"""Reconcile one database: an ordered list of small idempotent steps, each of which either
+acts (and lets the next pass see the result) or finds nothing to do."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DbplaneError
+from ..models import (DatabaseSecrets, DatabaseSpec, DatabaseStatus, MemberSpec, PlatformConfig,
+                      now)
+from ..security.scram import new_password
+from ..store import Store, keys
+from . import operations
+from .admin import ensure_admin_user, write_pgpass
+from .placement import allocate_ports, choose_host
+from .topology import Snapshot, member_views
+
+log = logging.getLogger("dbplane.controller")
+
+
+@dataclass
+class Pass:
+    """What one reconcile pass works from: a store and a snapshot read once."""
+    store: Store
+    snap: Snapshot
+    config: PlatformConfig
+    data_root: Path
+
+
+def _is_local(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _bindable(address: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((address, port))
+            return True
+        except OSError:
+            return False
+
+
+def desired_counts(spec: DatabaseSpec) -> dict[str, int]:
+    return {"primary_candidate": 2 if spec.multi_az else 1, "replica": spec.replicas}
+
+
+async def ensure_database(p: Pass, spec: DatabaseSpec) -> None:
+    status = p.snap.status(spec.name) or DatabaseStatus()
+    await ensure_secrets(p, spec)
+    await ensure_placement(p, spec, status)
+    await ensure_ports_usable(p, spec)
+    await ensure_admin(p, spec, status)
+    await observe(p, spec, status)
+
+
+async def ensure_secrets(p: Pass, spec: DatabaseSpec) -> None:
+    if keys.secrets(spec.name) in p.snap.raw:
+        return
+    secrets = DatabaseSecrets(superuser=new_password(), replication=new_password(),
+                              rewind=new_password(), admin=new_password())
+    await p.store.create(keys.secrets(spec.name), secrets)
+
+
+async def ensure_placement(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
+    """Add members until each kind has as many as the spec asks for."""
+    hosts = p.snap.hosts()
+    db_members = [m for m in p.snap.members(spec.name) if not m.deleting]
+    all_members = p.snap.members()
+    want = desired_counts(spec)
+    for kind in ("primary_candidate", "replica"):
+        have = sum(1 for m in db_members if m.kind == kind)
+        for _ in range(want[kind] - have):
+            host = choose_host(hosts, all_members, db_members, kind)
+            member = await place_member(p, spec, status, host, kind)
+            db_members.append(member)
+            all_members.append(member)
+
+
+async def place_member(p: Pass, spec: DatabaseSpec, status: DatabaseStatus, host, kind: str,
+                       avoid: set[int] = frozenset()) -> MemberSpec:
+    taken = {int(k.rsplit("/", 1)[1]) for k in p.snap.raw if k.startswith(keys.ports(host.address))}
+    taken |= set(avoid)
+    check = (lambda port: _bindable(host.address, port)) if _is_local(host.address) else (lambda port: True)
+    pg_port, api_port = allocate_ports(taken, p.config.member_port_start, p.config.member_port_end,
+                                       2, check)
+    name = f"{spec.name}-{status.next_member_index}"
+    status.next_member_index += 1
+    member = MemberSpec(name=name, database=spec.name, host=host.name, zone=host.zone,
+                        address=host.address, pg_port=pg_port, api_port=api_port, kind=kind)
+    # status first: a crash after it wastes a member index, never reuses one
+    await p.store.put(keys.database_status(spec.name), status)
+    ok = await p.store.create_all({
+        keys.port(host.address, pg_port): name, keys.port(host.address, api_port): name,
+        keys.member(spec.name, name): member})
+    if not ok:
+        raise DbplaneError(f"ports {pg_port}/{api_port} were taken concurrently; retrying",
+                           code="conflict_retry", status=409)
+    for port in (pg_port, api_port):
+        p.snap.raw[keys.port(host.address, port)] = name.encode()
+    await operations.record_event(p.store, spec.name, "member-placed",
+                                  f"{kind.replace('_', ' ')} {name} placed on {host.name} "
+                                  f"(zone {host.zone}), port {pg_port}")
+    log.info("placed %s on %s (zone %s)", name, host.name, host.zone)
+    return member
+
+
+async def ensure_ports_usable(p: Pass, spec: DatabaseSpec) -> None:
+    """A member whose agent found its port taken by a foreign process gets new ports."""
+    statuses = p.snap.member_statuses(spec.name)
+    for m in p.snap.members(spec.name):
+        st = statuses.get(m.name)
+        if m.deleting or st is None or st.reason != "port_in_use":
+            continue
+        taken = {int(k.rsplit("/", 1)[1]) for k in p.snap.raw if k.startswith(keys.ports(m.address))}
+        check = (lambda port: _bindable(m.address, port)) if _is_local(m.address) else (lambda port: True)
+        pg_port, api_port = allocate_ports(taken | {m.pg_port, m.api_port},
+                                           p.config.member_port_start, p.config.member_port_end,
+                                           2, check)
+        old = (m.pg_port, m.api_port)
+        moved = m.model_copy(update={"pg_port": pg_port, "api_port": api_port})
+        await p.store.create_all({keys.port(m.address, pg_port): m.name,
+                                  keys.port(m.address, api_port): m.name})
+        await p.store.put(keys.member(spec.name, m.name), moved)
+        await p.store.delete(keys.member_status(spec.name, m.name))
+        # keep the clashing ports reserved so nobody else is handed them
+        await operations.record_event(p.store, spec.name, "port-conflict",
+                                      f"{m.name}: port {old[0]} or {old[1]} was in use on "
+                                      f"{m.address}; moved to {pg_port}/{api_port}")
+
+
+async def ensure_admin(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
+    if status.admin_ready:
+        return
+    patroni = p.snap.patroni(spec.name)
+    primary = next((m for m in p.snap.members(spec.name) if m.name == patroni.leader), None)
+    secrets_raw = p.snap.raw.get(keys.secrets(spec.name))
+    if primary is None or secrets_raw is None:
+        return
+    if patroni.members.get(primary.name, {}).get("state") != "running":
+        return
+    secrets = DatabaseSecrets.model_validate_json(secrets_raw)
+    try:
+        await ensure_admin_user(primary, spec.admin_user, secrets)
+    except Exception as e:   # the primary may still be starting; the next pass retries
+        log.info("admin user for %s not created yet: %s", spec.name, e)
+        return
+    write_pgpass(p.data_root / "secrets" / f"{spec.name}.pgpass", spec.admin_user, secrets.admin)
+    status.admin_ready = True
+    await p.store.put(keys.database_status(spec.name), status)
+
+
+async def observe(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
+    """Set phase and sentence from what Patroni and the agents report."""
+    views = member_views(p.snap, spec.name)
+    primary = next((v for v in views if v.role == "primary"), None)
+    hosts = {h.name for h in p.snap.hosts()}
+    phase, message = "available", "all members running"
+    problems = []
+    for v in views:
+        if v.host not in hosts:
+            problems.append(f"host {v.host} of {v.name} (zone {v.zone}) is down")
+        elif v.role == "primary":
+            continue
+        elif v.state not in ("streaming",):
+            detail = f": {v.message}" if v.message else ""
+            problems.append(f"{v.role.replace('_', ' ')} {v.name} in zone {v.zone} is {v.state}{detail}")
+        elif v.lag_bytes and v.lag_bytes > 16 * 1024 * 1024:
+            problems.append(f"{v.name} is {v.lag_bytes // (1024 * 1024)} MB behind")
+    if spec.multi_az and primary and not any(v.role == "sync_standby" for v in views):
+        problems.append("no synchronous standby yet")
+    if primary is None:
+        phase = "creating" if not status.ever_available else "failing-over"
+        message = "waiting for Patroni to elect a primary"
+        if problems:
+            message += "; " + problems[0]
+    elif not status.admin_ready:
+        phase, message = "creating", f"primary {primary.name} is up; creating the admin user"
+    elif problems:
+        phase = "creating" if not status.ever_available else "degraded"
+        message = "; ".join(problems)
+    if primary is not None and status.primary not in (None, primary.name):
+        await operations.record_event(p.store, spec.name, "failover",
+                                      f"primary changed from {status.primary} to {primary.name} "
+                                      f"(zone {primary.zone})")
+    new = status.model_copy(update={
+        "phase": phase, "message": message,
+        "primary": primary.name if primary else status.primary,
+        "ever_available": status.ever_available or phase == "available"})
+    if (new.phase, new.message, new.primary, new.ever_available) != (
+            status.phase, status.message, status.primary, status.ever_available) \
+            or p.snap.status(spec.name) is None:
+        new.updated_at = now()
+        await p.store.put(keys.database_status(spec.name), new)
+
+
+async def ensure_deleted(p: Pass, spec: DatabaseSpec) -> None:
+    """Stop and remove every member, then every key of the database."""
+    members = p.snap.members(spec.name)
+    statuses = p.snap.member_statuses(spec.name)
+    hosts = {h.name for h in p.snap.hosts()}
+    pending = []
+    for m in members:
+        if not m.deleting:
+            await p.store.put(keys.member(spec.name, m.name), m.model_copy(update={"deleting": True}))
+            pending.append(m.name)
+        elif statuses.get(m.name) is None or statuses[m.name].state != "deleted":
+            if m.host in hosts:       # a down host keeps its data; its agent stops it on return
+                pending.append(m.name)
+    status = p.snap.status(spec.name) or DatabaseStatus()
+    if pending:
+        msg = f"stopping and removing {', '.join(pending)}"
+        if (status.phase, status.message) != ("deleting", msg):
+            await p.store.put(keys.database_status(spec.name),
+                              status.model_copy(update={"phase": "deleting", "message": msg}))
+        return
+    for m in members:
+        await p.store.delete(keys.port(m.address, m.pg_port))
+        await p.store.delete(keys.port(m.address, m.api_port))
+    for prefix in (keys.members(spec.name), keys.member_statuses(spec.name),
+                   keys.patroni_scope(spec.name)):
+        await p.store.delete_prefix(prefix)
+    for key in (keys.secrets(spec.name), keys.database_status(spec.name)):
+        await p.store.delete(key)
+    (p.data_root / "secrets" / f"{spec.name}.pgpass").unlink(missing_ok=True)
+    await p.store.delete(keys.database_spec(spec.name))
+    await operations.record_event(p.store, spec.name, "deleted", f"database {spec.name} deleted")
+    log.info("deleted %s", spec.name)

@@ -1,0 +1,1 @@
+"""The REST API: validates requests, writes desired state and operations, reads status."""

@@ -1,0 +1,168 @@
+"""FastAPI application. Handlers validate, write desired state plus an operation, and
+return at once (202); the controller does the work. No business logic lives here."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from .. import __version__, parameters
+from ..classes import CLASSES, get_class
+from ..errors import CapacityError, Conflict, DbplaneError, InvalidInput, NotFound
+from ..models import NAME_RE, DatabaseSpec, Event, Host, Operation
+from ..store import Store, keys
+from .views import database_snapshot, describe, summary
+
+log = logging.getLogger("dbplane.api")
+
+
+class CreateDatabase(BaseModel):
+    name: str
+    instance_class: str = Field("small", alias="class")
+    multi_az: bool = False
+    replicas: int = Field(0, ge=0, le=5)
+    storage_gb: int = Field(10, ge=1, le=65536)
+    params: dict[str, str] = Field(default_factory=dict)
+
+    model_config = {"populate_by_name": True}
+
+
+def create_app(etcd_url: str) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.store = Store(etcd_url)
+        try:
+            await app.state.store.connect()
+        except DbplaneError as e:
+            log.warning("%s; requests will retry", e)
+        yield
+        await app.state.store.close()
+
+    app = FastAPI(title="dbplane", version=__version__, lifespan=lifespan,
+                  description="Managed PostgreSQL: databases, members, operations, events.")
+
+    @app.exception_handler(DbplaneError)
+    async def _dbplane_error(request: Request, exc: DbplaneError):
+        return JSONResponse(status_code=exc.status, content={"error": exc.to_dict()})
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
+        err = InvalidInput(f"invalid {where or 'request'}: {first.get('msg')}",
+                           "see the API schema at /docs")
+        return JSONResponse(status_code=400, content={"error": err.to_dict()})
+
+    def store(request: Request) -> Store:
+        return request.app.state.store
+
+    async def live_hosts(s: Store) -> list[Host]:
+        return await s.list(keys.hosts(), Host)
+
+    async def get_spec(s: Store, name: str) -> DatabaseSpec:
+        spec = await s.get(keys.database_spec(name), DatabaseSpec)
+        if spec is None:
+            raise NotFound(f"database {name!r} not found", "list databases with 'dbplane db list'",
+                           code="database_not_found")
+        return spec
+
+    @app.get("/healthz")
+    async def healthz(request: Request):
+        await store(request).get_raw(keys.config())
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/v1/classes")
+    async def list_classes():
+        return [c.model_dump() for c in CLASSES.values()]
+
+    @app.get("/v1/hosts")
+    async def list_hosts(request: Request):
+        return [h.model_dump() for h in await live_hosts(store(request))]
+
+    @app.get("/v1/databases")
+    async def list_databases(request: Request):
+        s = store(request)
+        specs = await s.list(keys.databases(), DatabaseSpec)
+        out = []
+        for spec in sorted(specs, key=lambda x: x.name):
+            out.append(summary(spec, await database_snapshot(s, spec.name)))
+        return out
+
+    @app.post("/v1/databases", status_code=202)
+    async def create_database(body: CreateDatabase, request: Request):
+        s = store(request)
+        if not NAME_RE.match(body.name):
+            raise InvalidInput(f"invalid database name {body.name!r}",
+                               "use 2-42 lowercase letters, digits and '-', starting with a letter",
+                               code="invalid_name")
+        get_class(body.instance_class)
+        parameters.validate(body.params)
+        hosts = await live_hosts(s)
+        zones = {h.zone for h in hosts}
+        if not hosts:
+            raise CapacityError("no agent is running", "start the platform with 'dbplane up'",
+                                code="no_hosts")
+        if body.multi_az and len(zones) < 2:
+            raise CapacityError(
+                f"Multi-AZ needs agents in two zones; only zone {', '.join(sorted(zones))} has one",
+                "start an agent in another zone ('dbplane agent --zone b ...') or pass "
+                "--no-multi-az", code="not_enough_zones")
+        spec = DatabaseSpec(name=body.name, instance_class=body.instance_class,
+                            multi_az=body.multi_az, replicas=body.replicas,
+                            storage_gb=body.storage_gb, params=body.params)
+        op = Operation(kind="create", database=body.name, params=body.model_dump(by_alias=True))
+        if not await s.create_all({keys.database_spec(body.name): spec, keys.operation(op.id): op}):
+            existing = await s.get(keys.database_spec(body.name), DatabaseSpec)
+            if existing is not None and existing.deleting:
+                raise Conflict(f"database {body.name!r} is being deleted",
+                               "wait for the delete operation to finish, then create it again",
+                               code="database_deleting")
+            raise Conflict(f"database {body.name!r} already exists",
+                           "choose another name, or delete it first with 'dbplane db delete'",
+                           code="database_exists")
+        return op.model_dump()
+
+    @app.get("/v1/databases/{name}")
+    async def describe_database(name: str, request: Request):
+        s = store(request)
+        spec = await get_spec(s, name)
+        return describe(spec, await database_snapshot(s, name))
+
+    @app.delete("/v1/databases/{name}", status_code=202)
+    async def delete_database(name: str, request: Request):
+        s = store(request)
+        spec = await get_spec(s, name)
+        op = Operation(kind="delete", database=name)
+        await s.put(keys.operation(op.id), op)
+        if not spec.deleting:
+            await s.put(keys.database_spec(name),
+                        spec.model_copy(update={"deleting": True, "generation": spec.generation + 1}))
+        return op.model_dump()
+
+    @app.get("/v1/operations")
+    async def list_operations(request: Request, database: str | None = None):
+        ops = await store(request).list(keys.operations(), Operation)
+        ops = [o for o in ops if database in (None, o.database)]
+        return [o.model_dump() for o in sorted(ops, key=lambda o: o.created_at)]
+
+    @app.get("/v1/operations/{op_id}")
+    async def get_operation(op_id: str, request: Request):
+        op = await store(request).get(keys.operation(op_id), Operation)
+        if op is None:
+            raise NotFound(f"operation {op_id!r} not found", "list operations with 'dbplane ops list'",
+                           code="operation_not_found")
+        return op.model_dump()
+
+    @app.get("/v1/events")
+    async def list_events(request: Request, database: str | None = None, limit: int = 100):
+        prefix = keys.events(database) if database else keys.events()
+        events = await store(request).list(prefix, Event)
+        events.sort(key=lambda e: e.id)
+        return [e.model_dump() for e in events[-limit:]]
+
+    return app

@@ -1,0 +1,45 @@
+"""Read models served by the API, built from one etcd snapshot per request."""
+
+from __future__ import annotations
+
+from ..classes import get_class
+from ..controlplane.topology import Snapshot, endpoints, member_views
+from ..models import DatabaseSpec
+from ..store import Store, keys
+
+
+async def database_snapshot(store: Store, name: str) -> Snapshot:
+    raw: dict[str, bytes] = {}
+    for prefix in (f"{keys.databases()}{name}/", keys.members(name), keys.member_statuses(name),
+                   keys.patroni_scope(name), keys.hosts()):
+        raw.update(await store.get_prefix(prefix))
+    return Snapshot(raw)
+
+
+def describe(spec: DatabaseSpec, snap: Snapshot) -> dict:
+    status = snap.status(spec.name)
+    views = member_views(snap, spec.name)
+    phase = "deleting" if spec.deleting else (status.phase if status else "creating")
+    return {
+        "name": spec.name,
+        "status": phase,
+        "status_message": status.message if status else "waiting for the controller",
+        "engine": spec.engine,
+        "version": spec.version,
+        "class": spec.instance_class,
+        "memory_mb": get_class(spec.instance_class).memory_mb,
+        "multi_az": spec.multi_az,
+        "replicas": spec.replicas,
+        "storage_gb": spec.storage_gb,
+        "params": spec.params,
+        "admin_user": spec.admin_user,
+        "endpoints": endpoints(views),
+        "members": [v.to_dict() for v in views],
+        "created_at": spec.created_at,
+    }
+
+
+def summary(spec: DatabaseSpec, snap: Snapshot) -> dict:
+    d = describe(spec, snap)
+    return {k: d[k] for k in ("name", "status", "engine", "version", "class", "multi_az",
+                              "replicas", "endpoints")} | {"members": len(d["members"])}

@@ -1,0 +1,167 @@
+"""Resource models stored in etcd and served by the API.
+
+Spec objects are desired state (written by the API); status objects are observed state
+(written by the component that observes them). Placement (members) is written by the
+controller. See store/keys.py for where each lives.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,40}[a-z0-9]$")
+
+
+def now() -> float:
+    return time.time()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class Host(BaseModel):
+    """An agent's host, registered under a lease: it disappears when the agent dies."""
+    name: str
+    zone: str
+    address: str                      # where PostgreSQL and Patroni listen on this host
+    data_dir: str
+    started_at: float = Field(default_factory=now)
+
+
+class DatabaseSpec(BaseModel):
+    """What the user asked for. Written only by the API."""
+    name: str
+    instance_class: str = "small"
+    multi_az: bool = False
+    replicas: int = 0
+    storage_gb: int = 10
+    params: dict[str, str] = Field(default_factory=dict)
+    engine: str = "postgres"
+    version: str = "18"
+    admin_user: str = "dbadmin"
+    deleting: bool = False
+    created_at: float = Field(default_factory=now)
+    generation: int = 1
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                f"invalid database name {v!r}: use 2-42 lowercase letters, digits and '-', "
+                "starting with a letter")
+        return v
+
+
+MemberKind = Literal["primary_candidate", "replica"]
+
+
+class MemberSpec(BaseModel):
+    """Placement of one database node on a host. Written by the controller.
+
+    kind: primary_candidate members (the first node and the Multi-AZ standby) may be
+    promoted by Patroni; read replicas are tagged nofailover/nosync.
+    """
+    name: str                         # Patroni member name, e.g. orders-1
+    database: str
+    host: str
+    zone: str
+    address: str
+    pg_port: int
+    api_port: int
+    kind: MemberKind = "primary_candidate"
+    deleting: bool = False
+    created_at: float = Field(default_factory=now)
+
+
+MemberProcessState = Literal["starting", "running", "stopped", "failed", "deleted"]
+
+
+class MemberStatus(BaseModel):
+    """What the agent sees of a member's Patroni process. Written by the agent."""
+    name: str
+    database: str
+    host: str
+    state: MemberProcessState
+    message: str = ""
+    reason: str = ""                  # machine-readable cause when failed, e.g. port_in_use
+    pid: int | None = None
+    updated_at: float = Field(default_factory=now)
+
+
+DatabasePhase = Literal["creating", "available", "modifying", "degraded", "failing-over",
+                        "deleting", "failed"]
+
+
+class DatabaseStatus(BaseModel):
+    """The controller's view of a database: a phase and a plain sentence."""
+    phase: DatabasePhase = "creating"
+    message: str = ""
+    next_member_index: int = 1        # member names are never reused
+    primary: str | None = None        # last primary seen, to report failovers as events
+    admin_ready: bool = False         # the admin user exists and its pgpass file is written
+    ever_available: bool = False
+    updated_at: float = Field(default_factory=now)
+
+
+OperationState = Literal["pending", "running", "succeeded", "failed"]
+
+
+class OperationEvent(BaseModel):
+    time: float = Field(default_factory=now)
+    message: str
+
+
+class OperationError(BaseModel):
+    code: str
+    message: str
+    hint: str = ""
+
+
+class Operation(BaseModel):
+    """A long-running action: the API creates it, the controller drives it to an end."""
+    id: str = Field(default_factory=lambda: new_id("op"))
+    kind: str                          # create, delete, add-replica, ...
+    database: str
+    params: dict = Field(default_factory=dict)
+    state: OperationState = "pending"
+    progress: int = 0                  # percent
+    message: str = ""
+    events: list[OperationEvent] = Field(default_factory=list)
+    error: OperationError | None = None
+    created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("succeeded", "failed")
+
+
+class Event(BaseModel):
+    """Something that happened to a database (failover, member started, ...)."""
+    id: str = Field(default_factory=lambda: f"{time.time_ns():020d}-{uuid.uuid4().hex[:6]}")
+    time: float = Field(default_factory=now)
+    database: str
+    kind: str
+    message: str
+
+
+class DatabaseSecrets(BaseModel):
+    """Generated passwords of a database. Never returned by the API or logged; agents
+    write them into 0600 files for Patroni, the CLI reads the admin pgpass file."""
+    superuser: str
+    replication: str
+    rewind: str
+    admin: str
+
+
+class PlatformConfig(BaseModel):
+    """Platform-wide settings in etcd, written by `dbplane up` (or an operator)."""
+    member_port_start: int = 54400
+    member_port_end: int = 55400

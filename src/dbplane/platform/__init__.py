@@ -1,0 +1,1 @@
+"""Starting and stopping a whole platform on one machine (`dbplane up` / `dbplane down`)."""

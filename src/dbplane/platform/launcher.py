@@ -1,0 +1,179 @@
+"""`dbplane up`: one etcd member, the controller, the API and three agents (zones a, b, c)
+on 127.0.0.1, each a detached process with a pidfile and a log under the data root.
+`dbplane down` stops them in reverse order, keeping all data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from .. import process
+from ..errors import DbplaneError, InvalidInput
+from ..models import PlatformConfig
+from ..paths import Layout, PlatformInfo
+from ..system import check_account_can_use, ensure_service_account, etcd_binary, venv_python
+
+ZONES = ("a", "b", "c")
+ADDRESS = "127.0.0.1"
+START_TIMEOUT = 60.0
+
+
+def agent_name(zone: str) -> str:
+    return f"host-{zone}"
+
+
+def components() -> list[str]:
+    """In start order; stopped in reverse."""
+    return ["etcd", "controller", "api"] + [f"agent-{z}" for z in ZONES]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((ADDRESS, port))
+            return True
+        except OSError:
+            return False
+
+
+def choose_ports(port_base: int | None) -> PlatformInfo:
+    """etcd client/peer and API on base..base+2, members on base+10..base+999."""
+    bases = [port_base] if port_base else range(24000, 60000, 1000)
+    for base in bases:
+        if all(_port_free(p) for p in (base, base + 1, base + 2)):
+            return PlatformInfo(
+                etcd_url=f"http://{ADDRESS}:{base}", api_url=f"http://{ADDRESS}:{base + 2}",
+                etcd_client_port=base, etcd_peer_port=base + 1, api_port=base + 2,
+                member_port_start=base + 10, member_port_end=base + 1000)
+        if port_base:
+            busy = [p for p in (base, base + 1, base + 2) if not _port_free(p)]
+            raise InvalidInput(f"port {busy[0]} on {ADDRESS} is already in use",
+                               "pick another range with --port-base, or stop what holds it",
+                               code="port_in_use")
+    raise InvalidInput("no free port range found", "pass --port-base", code="port_in_use")
+
+
+def _dbplane(root: Path, *args: str) -> list[str]:
+    return [venv_python(), "-m", "dbplane", "--data-dir", str(root), *args]
+
+
+def _argv(component: str, root: Path, info: PlatformInfo) -> list[str]:
+    if component == "etcd":
+        peer = f"http://{ADDRESS}:{info.etcd_peer_port}"
+        return [etcd_binary(), "--name", "dbplane", "--data-dir", str(root / "etcd"),
+                "--listen-client-urls", info.etcd_url, "--advertise-client-urls", info.etcd_url,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"dbplane={peer}", "--log-level", "warn",
+                "--quota-backend-bytes", str(2 * 1024**3)]
+    if component == "controller":
+        return _dbplane(root, "controller", "--etcd", info.etcd_url)
+    if component == "api":
+        return _dbplane(root, "api", "--etcd", info.etcd_url, "--listen", f"{ADDRESS}:{info.api_port}")
+    zone = component.removeprefix("agent-")
+    return _dbplane(root, "agent", "--etcd", info.etcd_url, "--zone", zone,
+                    "--name", agent_name(zone), "--address", ADDRESS)
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip(" │╭╰─") if lines else ""
+
+
+def _wait(check, what: str, log: Path, layout: Layout, timeout: float = START_TIMEOUT) -> None:
+    """Wait for check() to pass, failing fast with the cause if a component exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for c in components():
+            if layout.pidfile(c).exists() and not process.running_pid(layout.pidfile(c)):
+                raise DbplaneError(f"{c} exited while starting: {_last_line(layout.logfile(c))}",
+                                   f"see {layout.logfile(c)}", code="start_failed")
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise DbplaneError(f"{what} did not come up within {timeout:.0f}s",
+                       f"see {log}", code="start_timeout")
+
+
+def up(root: Path, port_base: int | None = None, say=print) -> PlatformInfo:
+    layout = Layout(root)
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o755)
+    run_as = ensure_service_account()
+    check_account_can_use(run_as, [str(root), venv_python()])
+    if layout.platform_file.exists():
+        info = layout.read_platform()
+    else:
+        info = choose_ports(port_base)
+        layout.write_platform(info)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for component in components():
+        pidfile = layout.pidfile(component)
+        if process.running_pid(pidfile):
+            continue
+        if component == "etcd" and not _port_free(info.etcd_client_port):
+            raise InvalidInput(f"port {info.etcd_client_port} (etcd) is in use by another process",
+                               f"stop it, or remove {layout.platform_file} and run 'dbplane up "
+                               "--port-base N' to choose other ports", code="port_in_use")
+        if component == "api" and not _port_free(info.api_port):
+            raise InvalidInput(f"port {info.api_port} (API) is in use by another process",
+                               f"stop it, or remove {layout.platform_file} and run 'dbplane up "
+                               "--port-base N'", code="port_in_use")
+        process.start(_argv(component, root, info), pidfile, layout.logfile(component), env=env)
+        say(f"started {component}")
+        if component == "etcd":
+            _wait(lambda: httpx.get(f"{info.etcd_url}/health", timeout=1).json()["health"] == "true",
+                  "etcd", layout.logfile("etcd"), layout)
+            _put_config(info)
+    _wait(lambda: httpx.get(f"{info.api_url}/healthz", timeout=1).status_code == 200,
+          "the API", layout.logfile("api"), layout)
+    _wait(lambda: len(httpx.get(f"{info.api_url}/v1/hosts", timeout=1).json()) >= len(ZONES),
+          "the agents", layout.logfile("agent-a"), layout)
+    return info
+
+
+def _put_config(info: PlatformInfo) -> None:
+    """Write the platform config through etcd's JSON gateway (no asyncio needed here)."""
+    import base64
+    from ..store import keys
+    config = PlatformConfig(member_port_start=info.member_port_start,
+                            member_port_end=info.member_port_end)
+    b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+    httpx.post(f"{info.etcd_url}/v3/kv/put", timeout=5,
+               json={"key": b64(keys.config()), "value": b64(config.model_dump_json())}
+               ).raise_for_status()
+
+
+def down(root: Path, say=print) -> list[str]:
+    """Stop agents first (they stop Patroni and PostgreSQL cleanly), then the rest."""
+    layout = Layout(root)
+    stopped = []
+    agents = [c for c in components() if c.startswith("agent-")]
+    for c in agents:                         # signal all agents at once, then wait for each
+        pid = process.running_pid(layout.pidfile(c))
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+    for c in reversed(components()):
+        if process.stop(layout.pidfile(c), timeout=120 if c.startswith("agent-") else 30):
+            stopped.append(c)
+            say(f"stopped {c}")
+    return stopped
+
+
+def status(root: Path) -> dict[str, int | None]:
+    layout = Layout(root)
+    return {c: process.running_pid(layout.pidfile(c)) for c in components()}
+
+

@@ -1,0 +1,1 @@
+"""Credentials and, later, TLS, keys and access control."""

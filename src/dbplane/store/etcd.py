@@ -1,0 +1,175 @@
+"""A narrow asyncio interface to etcd (aetcd underneath).
+
+Values are JSON documents of pydantic models. etcd client errors are translated into
+StoreUnavailable here, so callers above never see gRPC exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions
+from pydantic import BaseModel
+
+from ..errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+
+def _translate(fn):
+    @functools.wraps(fn)
+    async def wrapper(self: "Store", *args, **kwargs):
+        try:
+            return await fn(self, *args, **kwargs)
+        except aetcd.exceptions.ClientError as e:
+            raise StoreUnavailable(
+                f"etcd at {self.url} is unreachable ({type(e).__name__})",
+                "start the platform with 'dbplane up' or point --etcd at a running etcd",
+            ) from e
+    return wrapper
+
+
+def _end_of_prefix(prefix: bytes) -> bytes:
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+class Store:
+    """One etcd connection. Use as `async with Store(url) as store:`."""
+
+    def __init__(self, url: str, timeout: float = 5.0):
+        self.url = url
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        self._client = aetcd.Client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379,
+                                    timeout=timeout, connect_wait_timeout=int(timeout))
+
+    async def __aenter__(self) -> "Store":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @_translate
+    async def connect(self) -> None:
+        await self._client.connect()
+        await self._client.status()      # fail now, not at the first read, if etcd is down
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._client.close()
+
+    # -- reads -----------------------------------------------------------------------
+
+    @_translate
+    async def get_raw(self, key: str) -> bytes | None:
+        r = await self._client.get(key.encode())
+        return r.value if r is not None else None
+
+    async def get(self, key: str, model: type[M]) -> M | None:
+        raw = await self.get_raw(key)
+        return model.model_validate_json(raw) if raw is not None else None
+
+    @_translate
+    async def get_prefix(self, prefix: str) -> dict[str, bytes]:
+        """All keys under prefix, in key order."""
+        result = await self._client.get_prefix(prefix.encode())
+        return {kv.key.decode(): kv.value for kv in result}
+
+    async def list(self, prefix: str, model: type[M]) -> list[M]:
+        return [model.model_validate_json(v) for v in (await self.get_prefix(prefix)).values()]
+
+    # -- writes ----------------------------------------------------------------------
+
+    @staticmethod
+    def _encode(value: BaseModel | dict | str) -> bytes:
+        if isinstance(value, BaseModel):
+            return value.model_dump_json().encode()
+        if isinstance(value, str):
+            return value.encode()
+        return json.dumps(value).encode()
+
+    @_translate
+    async def put(self, key: str, value: BaseModel | dict | str, lease=None) -> None:
+        await self._client.put(key.encode(), self._encode(value), lease=lease)
+
+    @_translate
+    async def create(self, key: str, value: BaseModel | dict | str, lease=None) -> bool:
+        """Write key only if it does not exist. Returns False if it already did."""
+        k = key.encode()
+        t = self._client.transactions
+        ok, _ = await self._client.transaction(
+            compare=[t.version(k) == 0],
+            success=[t.put(k, self._encode(value), lease=lease)], failure=[])
+        return ok
+
+    @_translate
+    async def create_all(self, items: dict[str, BaseModel | dict | str]) -> bool:
+        """Write every key in one transaction, only if none of them exists yet."""
+        t = self._client.transactions
+        ok, _ = await self._client.transaction(
+            compare=[t.version(k.encode()) == 0 for k in items],
+            success=[t.put(k.encode(), self._encode(v)) for k, v in items.items()], failure=[])
+        return ok
+
+    @_translate
+    async def delete(self, key: str) -> bool:
+        return bool(await self._client.delete(key.encode()))
+
+    @_translate
+    async def delete_prefix(self, prefix: str) -> None:
+        await self._client.delete_prefix(prefix.encode())
+
+    # -- leases and watches ------------------------------------------------------------
+
+    @_translate
+    async def lease(self, ttl: int):
+        return await self._client.lease(ttl)
+
+    @_translate
+    async def refresh(self, lease) -> None:
+        await lease.refresh()
+
+    def changes(self, *prefixes: str) -> "ChangeSignal":
+        """A signal that fires when anything under the prefixes changes."""
+        return ChangeSignal(self, prefixes)
+
+    async def _watch_forever(self, prefix: str, fire) -> None:
+        while True:
+            try:
+                watch = await self._client.watch_prefix(prefix.encode())
+                async for _ in watch:
+                    fire()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:   # etcd restarted or the stream broke: re-watch
+                log.debug("watch on %s broke (%s); re-watching", prefix, e)
+                fire()
+                await asyncio.sleep(1.0)
+
+
+class ChangeSignal:
+    """Level-triggered wake-ups: consumers re-read what they need after each wake-up, so
+    the watch events themselves carry no payload. A control loop does
+    `await signal.wait(timeout)` between passes instead of sleeping."""
+
+    def __init__(self, store: Store, prefixes: tuple[str, ...]):
+        self._event = asyncio.Event()
+        self._tasks = [asyncio.create_task(store._watch_forever(p, self._event.set))
+                       for p in prefixes]
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+        self._event.clear()
+
+    def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()

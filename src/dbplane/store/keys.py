@@ -1,0 +1,95 @@
+"""Key layout in etcd. Everything dbplane writes lives under ROOT; Patroni's
+clusters live under PATRONI_NAMESPACE, one scope per database.
+
+  /dbplane/v1/hosts/<host>                 Host          agent, under a lease
+  /dbplane/v1/databases/<db>/spec          DatabaseSpec  API
+  /dbplane/v1/databases/<db>/status        DatabaseStatus controller
+  /dbplane/v1/members/<db>/<member>        MemberSpec    controller (placement)
+  /dbplane/v1/member-status/<db>/<member>  MemberStatus  agent
+  /dbplane/v1/secrets/<db>                 DatabaseSecrets controller
+  /dbplane/v1/ports/<address>/<port>       member name   controller (allocation)
+  /dbplane/v1/operations/<id>              Operation     API creates, controller drives
+  /dbplane/v1/events/<db>/<id>             Event         controller
+  /dbplane/v1/config                      PlatformConfig `dbplane up`
+  /dbplane/v1/controller/leader            host name     controller, under a lease
+  /dbplane-patroni/<db>/...                Patroni's own keys (leader, sync, members, ...)
+"""
+
+ROOT = "/dbplane/v1/"
+PATRONI_NAMESPACE = "/dbplane-patroni"
+
+
+def hosts() -> str:
+    return ROOT + "hosts/"
+
+
+def host(name: str) -> str:
+    return f"{ROOT}hosts/{name}"
+
+
+def databases() -> str:
+    return ROOT + "databases/"
+
+
+def database_spec(db: str) -> str:
+    return f"{ROOT}databases/{db}/spec"
+
+
+def database_status(db: str) -> str:
+    return f"{ROOT}databases/{db}/status"
+
+
+def members(db: str = "") -> str:
+    return f"{ROOT}members/{db}/" if db else ROOT + "members/"
+
+
+def member(db: str, name: str) -> str:
+    return f"{ROOT}members/{db}/{name}"
+
+
+def member_statuses(db: str = "") -> str:
+    return f"{ROOT}member-status/{db}/" if db else ROOT + "member-status/"
+
+
+def member_status(db: str, name: str) -> str:
+    return f"{ROOT}member-status/{db}/{name}"
+
+
+def secrets(db: str) -> str:
+    return f"{ROOT}secrets/{db}"
+
+
+def ports(address: str = "") -> str:
+    return f"{ROOT}ports/{address}/" if address else ROOT + "ports/"
+
+
+def port(address: str, number: int) -> str:
+    return f"{ROOT}ports/{address}/{number}"
+
+
+def operations() -> str:
+    return ROOT + "operations/"
+
+
+def operation(op_id: str) -> str:
+    return f"{ROOT}operations/{op_id}"
+
+
+def events(db: str = "") -> str:
+    return f"{ROOT}events/{db}/" if db else ROOT + "events/"
+
+
+def event(db: str, event_id: str) -> str:
+    return f"{ROOT}events/{db}/{event_id}"
+
+
+def config() -> str:
+    return ROOT + "config"
+
+
+def controller_leader() -> str:
+    return ROOT + "controller/leader"
+
+
+def patroni_scope(db: str) -> str:
+    return f"{PATRONI_NAMESPACE}/{db}/"
