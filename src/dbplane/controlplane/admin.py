@@ -22,7 +22,17 @@ async def ensure_admin_user(primary: MemberSpec, user: str, secrets: DatabaseSec
         await conn.execute(sql.SQL(
             "{} ROLE {} LOGIN CREATEDB CREATEROLE PASSWORD {}").format(
                 sql.SQL(verb), sql.Identifier(user), sql.Literal(verifier(secrets.admin))))
-        await conn.execute(sql.SQL("GRANT pg_monitor, pg_signal_backend TO {}").format(
+        # like RDS's rds_superuser: broad powers without being a PostgreSQL superuser
+        roles = ["pg_monitor", "pg_signal_backend", "pg_read_all_data", "pg_write_all_data",
+                 "pg_checkpoint"]
+        if conn.info.server_version >= 160000:
+            roles.append("pg_create_subscription")
+        if conn.info.server_version >= 170000:
+            roles.append("pg_maintain")
+        await conn.execute(sql.SQL("GRANT {} TO {}").format(
+            sql.SQL(", ").join(map(sql.Identifier, roles)), sql.Identifier(user)))
+        # owning the postgres database gives CREATE on its public schema (PostgreSQL 15+)
+        await conn.execute(sql.SQL("ALTER DATABASE postgres OWNER TO {}").format(
             sql.Identifier(user)))
 
 

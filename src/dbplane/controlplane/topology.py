@@ -115,6 +115,7 @@ def member_views(snapshot: Snapshot, db: str) -> list[MemberView]:
     patroni = snapshot.patroni(db)
     statuses = snapshot.member_statuses(db)
     leader_lsn = patroni.leader_lsn()
+    live_hosts = {h.name for h in snapshot.hosts()}
     views = []
     for m in sorted(snapshot.members(db), key=lambda m: (len(m.name), m.name)):
         p = patroni.members.get(m.name)
@@ -131,6 +132,9 @@ def member_views(snapshot: Snapshot, db: str) -> list[MemberView]:
             state = p.get("replication_state") or p.get("state", "unknown")
         else:
             state = st.state if st else "pending"
+        if m.host not in live_hosts:
+            state = "host-down"      # Patroni's key may outlive the node by up to its ttl
+            role = "unknown" if role == "primary" and m.name != patroni.leader else role
         if m.deleting:
             state = "deleting"
         lag = None

@@ -1,0 +1,136 @@
+"""Drive a real dbplane platform from tests: the CLI as a user runs it, the API with
+httpx, SQL with psycopg, and real faults (kill -9 of a whole node)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import psycopg
+
+from dbplane.paths import Layout
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
+    """Poll predicate until it returns something truthy; fail with what we waited for."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:   # the thing may not exist yet
+            last_error = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (f" (last error: {last_error})" if last_error else ""))
+
+
+def new_data_root(prefix: str = "dbplane-test-") -> Path:
+    """A data root the service account can enter (mkdtemp makes 0700 directories)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    root.chmod(0o755)
+    return root
+
+
+class Platform:
+    def __init__(self, root: Path):
+        self.root = root
+        self.layout = Layout(root)
+
+    # -- CLI -------------------------------------------------------------------------
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, "-m", "dbplane", "--data-dir", str(self.root), *args],
+                           capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "DBPLANE_API": ""})
+        if check and r.returncode != 0:
+            raise AssertionError(f"dbplane {' '.join(args)} exited {r.returncode}:\n{r.stderr}{r.stdout}")
+        return r
+
+    def cli_json(self, *args: str):
+        return json.loads(self.cli(*args, "--output", "json").stdout)
+
+    def up(self, *args: str) -> None:
+        self.cli("up", *args)
+
+    def down(self) -> None:
+        self.cli("down", check=False)
+
+    @property
+    def info(self):
+        return self.layout.read_platform()
+
+    @property
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=self.info.api_url, timeout=30)
+
+    # -- databases ---------------------------------------------------------------------
+
+    def describe(self, name: str) -> dict:
+        r = self.api.get(f"/v1/databases/{name}")
+        r.raise_for_status()
+        return r.json()
+
+    def create(self, name: str, *args: str) -> dict:
+        self.cli("db", "create", name, "--class", "micro", "--wait", *args)
+        return self.describe(name)
+
+    def wait_available(self, name: str, timeout: float = 120) -> dict:
+        return wait_for(lambda: (d := self.describe(name))["status"] == "available" and d,
+                        timeout, f"{name} to be available")
+
+    def member(self, name: str, role: str) -> dict:
+        return next(m for m in self.describe(name)["members"] if m["role"] == role)
+
+    def connect(self, name: str, endpoint: str | None = None, **kw) -> psycopg.Connection:
+        d = self.describe(name)
+        host, port = (endpoint or d["endpoints"]["writer"]).rsplit(":", 1)
+        return psycopg.connect(host=host, port=int(port), user=d["admin_user"], dbname="postgres",
+                               passfile=str(self.layout.pgpass(name)), connect_timeout=5, **kw)
+
+    # -- faults ------------------------------------------------------------------------
+
+    def agent_pid(self, zone: str) -> int | None:
+        from dbplane.process import running_pid
+        return running_pid(self.layout.pidfile(f"agent-{zone}"))
+
+    def kill_node(self, zone: str) -> None:
+        """kill -9 the host's agent, every Patroni it runs and every PostgreSQL process."""
+        victims = []
+        agent = self.agent_pid(zone)
+        if agent:
+            victims.append(psutil.Process(agent))
+        members = self.layout.host_dir(f"host-{zone}") / "members"
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if str(members) in cmd:
+                victims.append(proc)
+        for mdir in members.iterdir() if members.exists() else []:
+            pidfile = mdir / "data" / "postmaster.pid"
+            if pidfile.exists():
+                try:
+                    pm = psutil.Process(int(pidfile.read_text().split()[0]))
+                    victims += [pm, *pm.children(recursive=True)]
+                except (psutil.Error, ValueError):
+                    pass
+        for p in victims:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(victims, timeout=10)
+
+    def destroy(self) -> None:
+        self.down()
+        shutil.rmtree(self.root, ignore_errors=True)
