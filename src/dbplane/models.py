@@ -48,6 +48,12 @@ class DatabaseSpec(BaseModel):
     deleting: bool = False
     created_at: float = Field(default_factory=now)
     generation: int = 1
+    # read replicas asked for in a given zone (`replica add --zone`), one entry per replica
+    replica_zones: list[str] = Field(default_factory=list)
+    # members the user removed (`replica remove`); member names are never reused
+    removed_members: list[str] = Field(default_factory=list)
+    # set on a database made by promoting a read replica of another one (`replica promote`)
+    promoted_from: "PromotedFrom | None" = None
 
     @field_validator("name")
     @classmethod
@@ -58,6 +64,14 @@ class DatabaseSpec(BaseModel):
                 "starting with a letter")
         return v
 
+
+class PromotedFrom(BaseModel):
+    """The read replica whose data directory a promoted database starts from."""
+    database: str
+    member: str
+
+
+DatabaseSpec.model_rebuild()
 
 MemberKind = Literal["primary_candidate", "replica"]
 
@@ -77,6 +91,10 @@ class MemberSpec(BaseModel):
     api_port: int
     kind: MemberKind = "primary_candidate"
     deleting: bool = False
+    # stop Patroni and PostgreSQL but keep the data directory (a replica being promoted)
+    stopped: bool = False
+    # on first start, take over the data directory of this (stopped) member on the same host
+    adopt_from: str = ""
     created_at: float = Field(default_factory=now)
 
 
@@ -92,6 +110,7 @@ class MemberStatus(BaseModel):
     message: str = ""
     reason: str = ""                  # machine-readable cause when failed, e.g. port_in_use
     pid: int | None = None
+    replayed_at: float | None = None  # commit time of the last transaction a replica replayed
     updated_at: float = Field(default_factory=now)
 
 
@@ -107,6 +126,9 @@ class DatabaseStatus(BaseModel):
     primary: str | None = None        # last primary seen, to report failovers as events
     admin_ready: bool = False         # the admin user exists and its pgpass file is written
     ever_available: bool = False
+    applied_generation: int = 0       # the spec generation whose changes are fully applied
+    pending_changes: list[str] = Field(default_factory=list)   # plain sentences, for describe
+    restarted: list[str] = Field(default_factory=list)   # members restarted for applied_generation+
     updated_at: float = Field(default_factory=now)
 
 

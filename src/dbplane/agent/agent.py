@@ -14,7 +14,10 @@ import os
 import shutil
 import signal
 import socket
+from datetime import datetime
 from pathlib import Path
+
+import httpx
 
 from .. import process
 from ..models import DatabaseSecrets, DatabaseSpec, Host, MemberSpec, MemberStatus
@@ -146,7 +149,8 @@ class Agent:
         if pid is not None:
             if changed:
                 os.kill(pid, signal.SIGHUP)       # Patroni reloads its local configuration
-            await self.report(store, member, "running", "patroni running", pid)
+            await self.report(store, member, "running", "patroni running", pid,
+                              replayed_at=await self.replayed_at(member))
             return
         for port in (member.pg_port, member.api_port):
             if not port_free(member.address, port):
@@ -178,16 +182,28 @@ class Agent:
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8",
                 "PYTHONUNBUFFERED": "1", "HOME": "/tmp"}
 
+    async def replayed_at(self, member: MemberSpec) -> float | None:
+        """When the last transaction this replica replayed was committed on the primary
+        (from Patroni's REST API); None on a primary or if Patroni does not answer."""
+        try:
+            async with httpx.AsyncClient(timeout=1.0) as http:
+                r = await http.get(f"http://{member.address}:{member.api_port}/patroni")
+            stamp = r.json().get("xlog", {}).get("replayed_timestamp")
+            return datetime.fromisoformat(stamp).timestamp() if stamp else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
     async def report(self, store: Store, member: MemberSpec, state: str, message: str,
-                     pid: int | None = None, reason: str = "") -> None:
+                     pid: int | None = None, reason: str = "",
+                     replayed_at: float | None = None) -> None:
         """Write member status only when it changed: status writes wake the controller."""
-        key = (state, message, pid, member.pg_port)
+        key = (state, message, pid, member.pg_port, replayed_at)
         if self._reported.get(member.name) == key:
             return
         await store.put(keys.member_status(member.database, member.name),
                         MemberStatus(name=member.name, database=member.database,
                                      host=self.host.name, state=state, message=message, pid=pid,
-                                     reason=reason))
+                                     reason=reason, replayed_at=replayed_at))
         self._reported[member.name] = key
 
     # -- stopping ------------------------------------------------------------------------

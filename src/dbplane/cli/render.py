@@ -53,5 +53,5 @@ def describe_database(d: dict) -> None:
     if d.get("params"):
         console.print("  params     " + ", ".join(f"{k}={v}" for k, v in d["params"].items()))
     table(d["members"], [("name", "MEMBER"), ("role", "ROLE"), ("zone", "ZONE"), ("host", "HOST"),
-                         ("port", "PORT"), ("state", "STATE"), ("lag_bytes", "LAG BYTES"),
+                         ("port", "PORT"), ("state", "STATE"), ("lag_bytes", "LAG BYTES"), ("lag_seconds", "LAG S"),
                          ("timeline", "TL"), ("message", "")])

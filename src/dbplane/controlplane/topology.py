@@ -5,6 +5,7 @@ Pure: used by the controller to decide and by the API to describe."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 from ..models import DatabaseSpec, DatabaseStatus, Host, MemberSpec, MemberStatus, Operation
@@ -103,11 +104,13 @@ class MemberView:
     lag_bytes: int | None
     timeline: int | None
     message: str = ""
+    lag_seconds: float | None = None
 
     def to_dict(self) -> dict:
         return {"name": self.name, "role": self.role, "zone": self.zone, "host": self.host,
                 "port": self.port, "address": self.address, "state": self.state,
-                "lag_bytes": self.lag_bytes, "timeline": self.timeline, "kind": self.kind,
+                "lag_bytes": self.lag_bytes, "lag_seconds": self.lag_seconds,
+                "timeline": self.timeline, "kind": self.kind,
                 "message": self.message}
 
 
@@ -144,10 +147,16 @@ def member_views(snapshot: Snapshot, db: str) -> list[MemberView]:
                 lag = max(0, leader_lsn - position)
         elif role == "primary":
             lag = 0
+        lag_seconds = None
+        if lag == 0:
+            lag_seconds = 0.0
+        elif lag is not None and st is not None and st.replayed_at:
+            # like RDS ReplicaLag: age of the last replayed commit while WAL is outstanding
+            lag_seconds = round(max(0.0, time.time() - st.replayed_at), 1)
         views.append(MemberView(
             name=m.name, role=role, zone=m.zone, host=m.host, address=m.address, port=m.pg_port,
             api_port=m.api_port, kind=m.kind, state=state, lag_bytes=lag,
-            timeline=p.get("timeline") if p else None,
+            timeline=p.get("timeline") if p else None, lag_seconds=lag_seconds,
             message=st.message if st and st.state == "failed" else ""))
     return views
 
