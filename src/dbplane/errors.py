@@ -58,3 +58,9 @@ class StoreUnavailable(DbplaneError):
 class PlatformNotRunning(DbplaneError):
     code = "platform_not_running"
     status = 503
+
+
+class MemberFailed(DbplaneError):
+    """A member's Patroni keeps exiting (e.g. initdb failed because the disk is full)."""
+    code = "member_failed"
+    status = 500

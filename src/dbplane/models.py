@@ -111,6 +111,7 @@ class MemberStatus(BaseModel):
     reason: str = ""                  # machine-readable cause when failed, e.g. port_in_use
     pid: int | None = None
     replayed_at: float | None = None  # commit time of the last transaction a replica replayed
+    restarts: int = 0                 # times Patroni exited on its own since it last ran well
     updated_at: float = Field(default_factory=now)
 
 

@@ -14,10 +14,12 @@ import os
 import shutil
 import signal
 import socket
+import time
 from datetime import datetime
 from pathlib import Path
 
 import httpx
+import psutil
 
 from .. import process
 from ..models import DatabaseSecrets, DatabaseSpec, Host, MemberSpec, MemberStatus
@@ -33,6 +35,22 @@ log = logging.getLogger("dbplane.agent")
 
 HOST_TTL = 10          # seconds without the agent before its host counts as down
 PASS_INTERVAL = 2.0    # longest wait between passes when nothing changes
+HEALTHY_AFTER = 60.0   # seconds a Patroni must run before its exit count is forgotten
+
+
+def last_error(log: Path, lines: int = 80) -> str:
+    """The most telling recent line of a log: the last error, else the last line."""
+    try:
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return "no log"
+    # most specific first: the root cause beats the exception that reports it
+    for markers in (("No space left", "Permission denied", "could not bind"),
+                    ("FATAL", "PANIC"), ("ERROR", "error:", "Error", "Exception")):
+        for line in reversed(tail):
+            if any(m in line for m in markers):
+                return line.strip()[:300]
+    return tail[-1].strip()[:300] if tail else "no log output"
 
 
 def port_free(address: str, port: int) -> bool:
@@ -58,6 +76,8 @@ class Agent:
         self.bin_dir = postgres_bin_dir()
         self._stopping = asyncio.Event()
         self._reported: dict[str, tuple] = {}
+        self._crashes: dict[str, int] = {}         # member -> exits since it last ran well
+        self._next_start: dict[str, float] = {}    # member -> monotonic time of next start
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -149,8 +169,22 @@ class Agent:
         if pid is not None:
             if changed:
                 os.kill(pid, signal.SIGHUP)       # Patroni reloads its local configuration
+            if time.time() - psutil.Process(pid).create_time() > HEALTHY_AFTER:
+                self._crashes.pop(member.name, None)
             await self.report(store, member, "running", "patroni running", pid,
                               replayed_at=await self.replayed_at(member))
+            return
+        if pidfile.exists():
+            # Patroni exited although nobody stopped it: killed, crashed or failed to
+            # bootstrap. Restart at once the first time, then back off.
+            pidfile.unlink()
+            count = self._crashes.get(member.name, 0) + 1
+            self._crashes[member.name] = count
+            self._next_start[member.name] = time.monotonic() + (0 if count == 1 else min(60, 2 ** count))
+            await self.report(store, member, "failed",
+                              f"patroni exited: {last_error(mdir / 'patroni.log')}",
+                              reason="patroni_exited", restarts=count)
+        if time.monotonic() < self._next_start.get(member.name, 0):
             return
         for port in (member.pg_port, member.api_port):
             if not port_free(member.address, port):
@@ -162,7 +196,8 @@ class Agent:
                             mdir / "patroni.log", env=self.child_env(), cwd=str(mdir),
                             run_as=self.run_as)
         log.info("started patroni for %s (pid %d)", member.name, pid)
-        await self.report(store, member, "starting", "patroni started", pid)
+        await self.report(store, member, "starting", "patroni started", pid,
+                          restarts=self._crashes.get(member.name, 0))
 
     def write_config(self, member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,
                      mdir: Path) -> bool:
@@ -195,15 +230,16 @@ class Agent:
 
     async def report(self, store: Store, member: MemberSpec, state: str, message: str,
                      pid: int | None = None, reason: str = "",
-                     replayed_at: float | None = None) -> None:
+                     replayed_at: float | None = None, restarts: int = 0) -> None:
         """Write member status only when it changed: status writes wake the controller."""
-        key = (state, message, pid, member.pg_port, replayed_at)
+        key = (state, message, pid, member.pg_port, replayed_at, restarts, reason)
         if self._reported.get(member.name) == key:
             return
         await store.put(keys.member_status(member.database, member.name),
                         MemberStatus(name=member.name, database=member.database,
                                      host=self.host.name, state=state, message=message, pid=pid,
-                                     reason=reason, replayed_at=replayed_at))
+                                     reason=reason, replayed_at=replayed_at,
+                                     restarts=restarts))
         self._reported[member.name] = key
 
     # -- stopping ------------------------------------------------------------------------
@@ -213,8 +249,13 @@ class Agent:
         stop_postgres(mdir / "data")
 
     def remove_member(self, mdir: Path) -> None:
+        """Stop and delete a member; its Patroni log is kept for troubleshooting."""
         if mdir.exists():
             self.stop_member(mdir)
+            if (mdir / "patroni.log").exists():
+                kept = self.host_dir / "removed" / f"{mdir.name}-{int(time.time())}.log"
+                kept.parent.mkdir(exist_ok=True)
+                shutil.move(mdir / "patroni.log", kept)
             shutil.rmtree(mdir)
 
     async def stop_orphans(self, wanted: set[str]) -> None:

@@ -9,7 +9,7 @@ import signal
 import socket
 from pathlib import Path
 
-from ..errors import CapacityError, DbplaneError, StoreUnavailable
+from ..errors import CapacityError, DbplaneError, MemberFailed, StoreUnavailable
 from ..models import DatabaseSpec, Operation, PlatformConfig
 from ..store import Store, keys
 from . import operations
@@ -82,7 +82,7 @@ class Controller:
                     await ensure_database(p, spec)
             except StoreUnavailable:
                 raise
-            except CapacityError as e:
+            except (CapacityError, MemberFailed) as e:
                 await self.fail_creation(p, spec, e)
             except DbplaneError as e:
                 log.warning("%s: %s", spec.name, e)
@@ -93,7 +93,7 @@ class Controller:
             if not op.done:
                 await self.progress(store, snap, op)
 
-    async def fail_creation(self, p: Pass, spec: DatabaseSpec, error: CapacityError) -> None:
+    async def fail_creation(self, p: Pass, spec: DatabaseSpec, error: DbplaneError) -> None:
         """A database that cannot be placed is rolled back; its create operation fails."""
         status = p.snap.status(spec.name)
         if status is not None and status.ever_available:

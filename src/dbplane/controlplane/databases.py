@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DbplaneError
+from ..errors import DbplaneError, MemberFailed
 from ..models import (DatabaseSecrets, DatabaseSpec, DatabaseStatus, MemberSpec, PlatformConfig,
                       now)
 from ..security.scram import new_password
@@ -54,11 +54,27 @@ def desired_counts(spec: DatabaseSpec) -> dict[str, int]:
 
 async def ensure_database(p: Pass, spec: DatabaseSpec) -> None:
     status = p.snap.status(spec.name) or DatabaseStatus()
+    check_creation(p, spec, status)
     await ensure_secrets(p, spec)
     await ensure_placement(p, spec, status)
     await ensure_ports_usable(p, spec)
     await ensure_admin(p, spec, status)
     await observe(p, spec, status)
+
+
+CREATE_MAX_RESTARTS = 3
+
+
+def check_creation(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
+    """A database that never became available and whose member keeps failing is given up
+    (the controller then rolls it back) instead of retrying forever."""
+    if status.ever_available:
+        return
+    for st in p.snap.member_statuses(spec.name).values():
+        if st.reason == "patroni_exited" and st.restarts >= CREATE_MAX_RESTARTS:
+            raise MemberFailed(f"{st.name} on {st.host} failed {st.restarts} times: {st.message}",
+                               "fix the cause on that host (disk space, permissions; its log is "
+                               "kept in the host's removed/ folder) and create the database again")
 
 
 async def ensure_secrets(p: Pass, spec: DatabaseSpec) -> None:
