@@ -51,6 +51,9 @@ def test_multi_az_database_survives_node_death(platform):
     assert primary["zone"] != standby["zone"]
     assert d["endpoints"]["writer"] == f"127.0.0.1:{primary['port']}"
     assert d["endpoints"]["reader"] == f"127.0.0.1:{roles['replica']['port']}"
+    listed = {x["name"]: x for x in platform.cli_json("db", "list")}
+    assert listed["orders"]["status"] == "available" and listed["orders"]["members"] == 3
+    assert "orders" in platform.cli("db", "list").stdout
 
     with platform.connect("orders", autocommit=True) as conn:
         conn.execute("CREATE TABLE acked (id int PRIMARY KEY)")

@@ -16,6 +16,7 @@ from ..classes import CLASSES, get_class
 from ..errors import CapacityError, Conflict, DbplaneError, InvalidInput, NotFound
 from ..models import NAME_RE, DatabaseSpec, Event, Host, Operation
 from ..store import Store, keys
+from .ha_routes import router as ha_router
 from .views import database_snapshot, describe, summary
 
 log = logging.getLogger("dbplane.api")
@@ -87,7 +88,8 @@ def create_app(etcd_url: str) -> FastAPI:
     @app.get("/v1/databases")
     async def list_databases(request: Request):
         s = store(request)
-        specs = await s.list(keys.databases(), DatabaseSpec)
+        raw = await s.get_prefix(keys.databases())
+        specs = [DatabaseSpec.model_validate_json(v) for k, v in raw.items() if k.endswith("/spec")]
         out = []
         for spec in sorted(specs, key=lambda x: x.name):
             out.append(summary(spec, await database_snapshot(s, spec.name)))
@@ -165,4 +167,5 @@ def create_app(etcd_url: str) -> FastAPI:
         events.sort(key=lambda e: e.id)
         return [e.model_dump() for e in events[-limit:]]
 
+    app.include_router(ha_router)     # switchover, failover, replicas, modify
     return app
