@@ -50,9 +50,10 @@ class Platform:
 
     # -- CLI -------------------------------------------------------------------------
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True, timeout: float = 300,
+            input: str | None = None) -> subprocess.CompletedProcess:
         r = subprocess.run([sys.executable, "-m", "dbplane", "--data-dir", str(self.root), *args],
-                           capture_output=True, text=True, timeout=timeout,
+                           capture_output=True, text=True, timeout=timeout, input=input,
                            env={**os.environ, "DBPLANE_API": ""})
         if check and r.returncode != 0:
             raise AssertionError(f"dbplane {' '.join(args)} exited {r.returncode}:\n{r.stderr}{r.stdout}")

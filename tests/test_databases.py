@@ -4,6 +4,7 @@ crash recovery of the control plane, down/up keeping data."""
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 
 import psutil
@@ -54,6 +55,15 @@ def test_multi_az_database_survives_node_death(platform):
     listed = {x["name"]: x for x in platform.cli_json("db", "list")}
     assert listed["orders"]["status"] == "available" and listed["orders"]["members"] == 3
     assert "orders" in platform.cli("db", "list").stdout
+
+    url = platform.cli("db", "url", "orders").stdout.strip()
+    assert url == (f"postgresql://dbadmin@127.0.0.1:{primary['port']}/postgres"
+                   f"?passfile={platform.layout.pgpass('orders')}")
+    assert f":{roles['replica']['port']}/" in platform.cli("db", "url", "orders", "--reader").stdout
+    r = platform.cli("db", "connect", "orders", input="SELECT 40 + 2 AS answer;\n")
+    assert "42" in r.stdout
+    r = platform.cli("db", "connect", "orders", "--reader", input="SELECT pg_is_in_recovery();\n")
+    assert " t\n" in r.stdout
 
     with platform.connect("orders", autocommit=True) as conn:
         conn.execute("CREATE TABLE acked (id int PRIMARY KEY)")
@@ -135,15 +145,31 @@ def test_controller_crash_during_create_converges(platform):
 
 
 def test_down_and_up_keep_data(platform):
-    platform.create("keep")
+    platform.create("keep", "--multi-az")
+    primary = platform.member("keep", "primary")
     with platform.connect("keep", autocommit=True) as conn:
         conn.execute("CREATE TABLE kept AS SELECT g AS id FROM generate_series(1, 1000) g")
-    platform.down()
+    standby = platform.member("keep", "sync_standby")
+    r = platform.cli("down")
+    assert "paused failover for" in r.stderr and "keep" in r.stderr
     assert not any(platform.cli_json("status")[i]["pid"] for i in range(6))
     assert not any("patroni" in " ".join(p.info["cmdline"] or []) and str(platform.root) in
                    " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
-    platform.up()
-    platform.wait_available("keep", timeout=120)
+    # while it is down, another program takes the standby's port
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", standby["port"]))
+        squatter.listen()
+        platform.up()
+        platform.wait_available("keep", timeout=120)
+    moved = next(m for m in platform.describe("keep")["members"] if m["name"] == standby["name"])
+    assert moved["port"] != standby["port"] and moved["state"] == "streaming"
     with platform.connect("keep") as conn:
         assert conn.execute("SELECT count(*) FROM kept").fetchone()[0] == 1000
+    # Patroni was paused for the stop and the old primary leads again: no failover
+    assert platform.member("keep", "primary")["name"] == primary["name"]
+    events = platform.cli_json("events", "keep")
+    assert any(e["kind"] == "resumed" for e in events)
+    assert any(e["kind"] == "port-conflict" and standby["name"] in e["message"] for e in events)
+    assert not any(e["kind"] == "failover" for e in events)
     platform.cli("db", "delete", "keep", "--wait")

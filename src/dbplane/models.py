@@ -52,8 +52,10 @@ class DatabaseSpec(BaseModel):
     replica_zones: list[str] = Field(default_factory=list)
     # members the user removed (`replica remove`); member names are never reused
     removed_members: list[str] = Field(default_factory=list)
+    # read replicas leaving to become databases of their own: member -> new database
+    promoted_members: dict[str, str] = Field(default_factory=dict)
     # set on a database made by promoting a read replica of another one (`replica promote`)
-    promoted_from: "PromotedFrom | None" = None
+    promoted_from: PromotedFrom | None = None
 
     @field_validator("name")
     @classmethod
@@ -116,7 +118,7 @@ class MemberStatus(BaseModel):
 
 
 DatabasePhase = Literal["creating", "available", "modifying", "degraded", "failing-over",
-                        "deleting", "failed"]
+                        "deleting", "failed", "stopped", "starting"]
 
 
 class DatabaseStatus(BaseModel):

@@ -8,7 +8,9 @@ import re
 import subprocess
 from dataclasses import dataclass
 
+from .classes import get_class
 from .errors import InvalidInput
+from .models import DatabaseSpec
 from .system import postgres_bin_dir
 
 # Parameters dbplane owns: changing them would break replication, failover or the agent.
@@ -84,3 +86,75 @@ def validate(params: dict[str, str]) -> None:
         raise InvalidInput("; ".join(problems),
                            "see the names and ranges in PostgreSQL's pg_settings view",
                            code="invalid_parameter")
+
+
+# -- comparing a wanted value with what a running server reports in pg_settings ----------
+
+_MEMORY = {"B": 1, "kB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+_TIME = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+_UNIT = re.compile(r"^(\d*)\s*([A-Za-z]+)$")
+
+# A standby must run with at least the primary's value of these; Patroni keeps the higher
+# one on replicas, so a replica above the wanted value is as it should be.
+REPLICA_AT_LEAST = {"max_connections", "max_worker_processes", "max_wal_senders",
+                    "max_prepared_transactions", "max_locks_per_transaction"}
+
+
+def _unit_factor(unit: str | None) -> float | None:
+    """pg_settings.unit ('8kB', 'ms', 'MB', None) as a multiple of bytes or milliseconds."""
+    if not unit:
+        return None
+    m = _UNIT.match(unit)
+    if not m:
+        return None
+    base = _MEMORY.get(m.group(2)) or _TIME.get(m.group(2))
+    return None if base is None else base * int(m.group(1) or 1)
+
+
+def _number(value: str, unit: str | None) -> float | None:
+    m = _NUMBER.match(value)
+    if not m:
+        return None
+    number, suffix = float(m.group(1)), m.group(2)
+    factor = (_MEMORY.get(suffix) or _TIME.get(suffix)) if suffix else _unit_factor(unit)
+    return number * (factor or 1)
+
+
+def _as_bool(value: str) -> bool:
+    return value.strip().lower() in ("on", "true", "yes", "1", "t", "y")
+
+
+def same_value(wanted: str, setting: str, unit: str | None, vartype: str) -> bool:
+    """Whether a server reporting (setting, unit) in pg_settings runs `wanted`."""
+    if vartype == "bool":
+        return _as_bool(wanted) == _as_bool(setting)
+    if vartype in ("integer", "real"):
+        a, b = _number(wanted, unit), _number(setting, unit)
+        if a is None or b is None:
+            return wanted.strip() == setting.strip()
+        return abs(a - b) <= max(_unit_factor(unit) or 0, 1e-9 * max(abs(a), abs(b)))
+    return wanted.strip().strip("'").lower() == setting.strip().lower()
+
+
+def at_least(wanted: str, setting: str, unit: str | None) -> bool:
+    a, b = _number(wanted, unit), _number(setting, unit)
+    return a is not None and b is not None and b >= a
+
+
+BASE_PARAMETERS = {
+    "wal_level": "replica",
+    "hot_standby": "on",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+    "wal_keep_size": "256MB",
+    "wal_log_hints": "on",                  # pg_rewind after failover
+    "password_encryption": "scram-sha-256",
+    "unix_socket_directories": "",          # TCP only: no socket path length limits
+    "shared_preload_libraries": "pg_stat_statements",
+    "track_io_timing": "on",
+}
+
+
+def postgres_parameters(spec: DatabaseSpec) -> dict[str, str]:
+    """Effective cluster-wide parameters: base, then instance class, then user --param."""
+    return {**BASE_PARAMETERS, **get_class(spec.instance_class).settings, **spec.params}

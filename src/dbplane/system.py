@@ -7,6 +7,7 @@ import importlib.util
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,15 @@ def check_account_can_use(run_as: RunAs | None, paths: list[str]) -> None:
                 f"the service account {SERVICE_ACCOUNT} cannot read {path}",
                 "keep the data root and the virtual environment in directories it can enter "
                 "(mode 755 parents), e.g. run scripts/setup, which places the venv accordingly")
+
+
+def port_free(address: str, port: int) -> bool:
+    """True if nothing listens on address:port (checked by binding to it)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, port))
+            return True
+        except OSError:
+            return False

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,13 +21,13 @@ import httpx
 import psutil
 
 from .. import process
-from ..models import DatabaseSecrets, DatabaseSpec, Host, MemberSpec, MemberStatus
 from ..errors import StoreUnavailable
+from ..models import DatabaseSecrets, DatabaseSpec, Host, MemberSpec, MemberStatus
 from ..paths import write_private
 from ..process import RunAs
 from ..store import Store, keys
-from ..system import check_account_can_use, postgres_bin_dir, venv_python
-from . import patroni
+from ..system import check_account_can_use, port_free, postgres_bin_dir, venv_python
+from . import adopt, patroni
 from .postgres import stop_postgres
 
 log = logging.getLogger("dbplane.agent")
@@ -51,17 +50,6 @@ def last_error(log: Path, lines: int = 80) -> str:
             if any(m in line for m in markers):
                 return line.strip()[:300]
     return tail[-1].strip()[:300] if tail else "no log output"
-
-
-def port_free(address: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((address, port))
-            return True
-        except OSError:
-            return False
 
 
 class Agent:
@@ -109,7 +97,7 @@ class Agent:
     async def _wait_stop(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(self._stopping.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def _serve(self, store: Store) -> None:
@@ -159,6 +147,10 @@ class Agent:
             await asyncio.get_running_loop().run_in_executor(None, self.remove_member, mdir)
             await self.report(store, member, "deleted", "stopped and removed")
             return
+        if member.stopped:        # a replica being promoted: stop it, keep its data
+            await asyncio.get_running_loop().run_in_executor(None, self.stop_member, mdir)
+            await self.report(store, member, "stopped", "stopped; data directory kept")
+            return
         spec = await store.get(keys.database_spec(member.database), DatabaseSpec)
         secrets = await store.get(keys.secrets(member.database), DatabaseSecrets)
         if spec is None or secrets is None:
@@ -186,6 +178,11 @@ class Agent:
                               reason="patroni_exited", restarts=count)
         if time.monotonic() < self._next_start.get(member.name, 0):
             return
+        if member.adopt_from:     # first member of a promoted database
+            waiting = adopt.take_over(self.members_dir / member.adopt_from, mdir)
+            if waiting:
+                await self.report(store, member, "starting", waiting)
+                return
         for port in (member.pg_port, member.api_port):
             if not port_free(member.address, port):
                 await self.report(store, member, "failed",

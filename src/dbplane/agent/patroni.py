@@ -7,26 +7,13 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from ..classes import get_class
 from ..models import DatabaseSecrets, DatabaseSpec, MemberSpec
+from ..parameters import postgres_parameters
 from ..store.keys import PATRONI_NAMESPACE
 
 # Failure detection: the leader key lives `ttl` seconds; Patroni's minimum is 20 and it
 # needs loop_wait + 2 * retry_timeout <= ttl. Patroni's defaults are 30/10/10.
 DCS_TIMING = {"ttl": 20, "loop_wait": 2, "retry_timeout": 5}
-
-BASE_PARAMETERS = {
-    "wal_level": "replica",
-    "hot_standby": "on",
-    "max_wal_senders": "10",
-    "max_replication_slots": "10",
-    "wal_keep_size": "256MB",
-    "wal_log_hints": "on",                  # pg_rewind after failover
-    "password_encryption": "scram-sha-256",
-    "unix_socket_directories": "",          # TCP only: no socket path length limits
-    "shared_preload_libraries": "pg_stat_statements",
-    "track_io_timing": "on",
-}
 
 
 def etcd_hosts(etcd_urls: list[str]) -> list[str]:
@@ -35,11 +22,6 @@ def etcd_hosts(etcd_urls: list[str]) -> list[str]:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         hosts.append(f"{parts.hostname}:{parts.port or 2379}")
     return hosts
-
-
-def postgres_parameters(spec: DatabaseSpec) -> dict[str, str]:
-    """Effective cluster-wide parameters: base, then instance class, then user --param."""
-    return {**BASE_PARAMETERS, **get_class(spec.instance_class).settings, **spec.params}
 
 
 def render(member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,

@@ -17,7 +17,7 @@ class ApiClient:
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
 
     @classmethod
-    def from_environment(cls, data_dir: str | None = None, api: str | None = None) -> "ApiClient":
+    def from_environment(cls, data_dir: str | None = None, api: str | None = None) -> ApiClient:
         url = api or os.environ.get("DBPLANE_API")
         if not url:
             url = Layout(data_root(data_dir)).read_platform().api_url

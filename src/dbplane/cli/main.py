@@ -8,14 +8,13 @@ import logging
 import os
 import sys
 import time
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn
 
-from ..errors import DbplaneError, InvalidInput
+from ..errors import DbplaneError
 from ..parameters import parse_params
 from ..paths import Layout, data_root
 from . import render
@@ -25,11 +24,13 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
                   help="dbplane: managed PostgreSQL on your own machines.")
 db_app = typer.Typer(no_args_is_help=True, help="Create, inspect, change and delete databases.")
 ops_app = typer.Typer(no_args_is_help=True, help="Long-running operations.")
+replica_app = typer.Typer(no_args_is_help=True, help="Add, remove and promote read replicas.")
 app.add_typer(db_app, name="db")
+app.add_typer(replica_app, name="replica")
 app.add_typer(ops_app, name="ops")
 
 
-class Output(str, Enum):
+class Output(StrEnum):
     table = "table"
     json = "json"
 
@@ -38,18 +39,18 @@ OutputOpt = typer.Option(Output.table, "--output", "-o", help="table or json")
 
 
 class _State:
-    data_dir: Optional[str] = None
-    api: Optional[str] = None
+    data_dir: str | None = None
+    api: str | None = None
 
 
 state = _State()
 
 
 @app.callback()
-def _global(data_dir: Optional[Path] = typer.Option(
+def _global(data_dir: Path | None = typer.Option(
                 None, "--data-dir", envvar="DBPLANE_HOME",
                 help="data root of the platform (default /var/lib/dbplane as root)"),
-            api: Optional[str] = typer.Option(None, "--api", envvar="DBPLANE_API",
+            api: str | None = typer.Option(None, "--api", envvar="DBPLANE_API",
                                               help="API URL (default: from the data root)")):
     state.data_dir = str(data_dir) if data_dir else None
     state.api = api
@@ -67,7 +68,7 @@ def root() -> Path:
 
 @app.command()
 def up(demo: bool = typer.Option(False, "--demo", help="also create a demo Multi-AZ database"),
-       port_base: Optional[int] = typer.Option(None, help="first of the ports to use "
+       port_base: int | None = typer.Option(None, help="first of the ports to use "
                                                "(etcd, etcd peer, API; members from +10)")):
     """Start etcd, the controller, the API and three agents (zones a, b, c) on 127.0.0.1."""
     from ..platform import launcher
@@ -133,7 +134,7 @@ def wait_operation(c: ApiClient, op: dict, timeout: float = 900.0) -> dict:
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   console=render.err_console, transient=True) as progress:
         task = progress.add_task(f"{op['kind']} {op['database']}", total=100)
-        while not op["state"] in ("succeeded", "failed"):
+        while op["state"] not in ("succeeded", "failed"):
             if time.monotonic() > deadline:
                 raise DbplaneError(f"operation {op['id']} still {op['state']} after {timeout:.0f}s",
                                    f"follow it with 'dbplane ops show {op['id']}'", code="timeout")
@@ -195,6 +196,47 @@ def db_describe(name: str, output: Output = OutputOpt):
         render.describe_database(d)
 
 
+@db_app.command("switchover")
+def db_switchover(name: str,
+                  to: str | None = typer.Option(None, "--to", help="member to promote "
+                                                   "(default: the synchronous standby)"),
+                  wait: bool = typer.Option(False, "--wait", help="wait for the new primary"),
+                  output: Output = OutputOpt):
+    """Planned switchover of the primary to the standby: no committed write is lost."""
+    _started(client().post(f"/v1/databases/{name}/switchover", {"to": to}), wait, output)
+
+
+@db_app.command("failover")
+def db_failover(name: str,
+                to: str | None = typer.Option(None, "--to", help="member to promote "
+                                                 "(default: the synchronous standby)"),
+                wait: bool = typer.Option(False, "--wait", help="wait for the new primary"),
+                output: Output = OutputOpt):
+    """Forced failover to the standby, for drills: the primary is demoted at once."""
+    _started(client().post(f"/v1/databases/{name}/failover", {"to": to}), wait, output)
+
+
+@db_app.command("modify")
+def db_modify(name: str,
+              instance_class: str | None = typer.Option(None, "--class",
+                                                           help="see 'dbplane classes'"),
+              param: list[str] = typer.Option([], "--param", help="PostgreSQL setting k=v"),
+              multi_az: bool | None = typer.Option(None, "--multi-az/--no-multi-az",
+                                                      help="add or remove the standby"),
+              wait: bool = typer.Option(False, "--wait", help="wait until applied"),
+              output: Output = OutputOpt):
+    """Change class, parameters or Multi-AZ. Settings that need a restart are applied by a
+    rolling restart: replicas first, then a switchover to the standby."""
+    op = client().patch(f"/v1/databases/{name}", {
+        "class": instance_class, "params": parse_params(param), "multi_az": multi_az})
+    restart = op["params"].get("restart") or []
+    if restart and output == Output.table:
+        render.err_console.print(f"{', '.join(restart)} take effect after a restart: rolling "
+                                 "restart, replicas first" + ("" if wait else
+                                 f"; follow with 'dbplane db describe {name}'"), highlight=False)
+    _started(op, wait, output)
+
+
 @db_app.command("delete")
 def db_delete(name: str, wait: bool = typer.Option(False, "--wait"), output: Output = OutputOpt):
     """Delete a database and all its members' data."""
@@ -226,10 +268,41 @@ def db_connect(name: str, reader: bool = typer.Option(False, "--reader")):
     os.execv(psql, [psql, url])
 
 
+# -- read replicas -------------------------------------------------------------------------
+
+@replica_app.command("add")
+def replica_add(name: str,
+                zone: str | None = typer.Option(None, "--zone", help="zone to place it in "
+                                                   "(default: the least used)"),
+                wait: bool = typer.Option(False, "--wait", help="wait until it streams"),
+                output: Output = OutputOpt):
+    """Add an asynchronous read replica to a database."""
+    _started(client().post(f"/v1/databases/{name}/replicas", {"zone": zone}), wait, output)
+
+
+@replica_app.command("remove")
+def replica_remove(name: str, member: str, wait: bool = typer.Option(False, "--wait"),
+                   output: Output = OutputOpt):
+    """Stop a read replica and delete its data."""
+    _started(client().delete(f"/v1/databases/{name}/replicas/{member}"), wait, output)
+
+
+@replica_app.command("promote")
+def replica_promote(name: str, member: str,
+                    new_name: str | None = typer.Option(None, "--new-name",
+                                                           help="name of the new database "
+                                                           "(default: the member's name)"),
+                    wait: bool = typer.Option(False, "--wait", help="wait until available"),
+                    output: Output = OutputOpt):
+    """Turn a read replica into a standalone database with its data (it leaves NAME)."""
+    _started(client().post(f"/v1/databases/{name}/replicas/{member}/promote",
+                           {"new_name": new_name}), wait, output)
+
+
 # -- operations and events ----------------------------------------------------------------
 
 @ops_app.command("list")
-def ops_list(database: Optional[str] = typer.Option(None, "--database", "-d"),
+def ops_list(database: str | None = typer.Option(None, "--database", "-d"),
              output: Output = OutputOpt):
     """List operations, oldest first."""
     rows = client().get("/v1/operations", database=database)
@@ -256,7 +329,7 @@ def ops_show(op_id: str, output: Output = OutputOpt):
 
 
 @app.command()
-def events(database: Optional[str] = typer.Argument(None), limit: int = 50,
+def events(database: str | None = typer.Argument(None), limit: int = 50,
            output: Output = OutputOpt):
     """Recent events (failovers, placements, deletions), optionally for one database."""
     rows = client().get("/v1/events", database=database, limit=limit)
@@ -287,6 +360,7 @@ def api(etcd: str = typer.Option(..., help="etcd URL"),
         listen: str = typer.Option("127.0.0.1:8432", help="address:port to serve on")):
     """Run the REST API server in the foreground."""
     import uvicorn
+
     from ..httpapi.app import create_app
     _logging("api")
     host, _, port = listen.rpartition(":")
@@ -296,11 +370,10 @@ def api(etcd: str = typer.Option(..., help="etcd URL"),
 @app.command()
 def agent(etcd: str = typer.Option(..., help="etcd URL"),
           zone: str = typer.Option(..., help="zone label of this host, e.g. a"),
-          name: Optional[str] = typer.Option(None, help="host name (default: host-<zone>)"),
+          name: str | None = typer.Option(None, help="host name (default: host-<zone>)"),
           address: str = typer.Option("127.0.0.1", help="address databases listen on")):
     """Run a host agent in the foreground: it supervises Patroni + PostgreSQL here."""
     from ..agent.agent import Agent
-    from ..paths import Layout
     from ..system import ensure_service_account
     _logging(f"agent-{zone}")
     host = name or f"host-{zone}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 from rich.console import Console
 from rich.table import Table
@@ -52,6 +52,11 @@ def describe_database(d: dict) -> None:
     console.print(f"  reader     {d['endpoints']['reader'] or '-'}")
     if d.get("params"):
         console.print("  params     " + ", ".join(f"{k}={v}" for k, v in d["params"].items()))
+    if d.get("promoted_from"):
+        console.print(f"  promoted   from read replica {d['promoted_from']['member']} of "
+                      f"{d['promoted_from']['database']}")
+    for i, change in enumerate(d.get("pending_changes") or []):
+        console.print(f"  {'pending' if i == 0 else '':10} {change}", highlight=False)
     table(d["members"], [("name", "MEMBER"), ("role", "ROLE"), ("zone", "ZONE"), ("host", "HOST"),
-                         ("port", "PORT"), ("state", "STATE"), ("lag_bytes", "LAG BYTES"), ("lag_seconds", "LAG S"),
-                         ("timeline", "TL"), ("message", "")])
+                         ("port", "PORT"), ("state", "STATE"), ("lag_bytes", "LAG BYTES"),
+                         ("lag_seconds", "LAG S"), ("timeline", "TL"), ("message", "")])

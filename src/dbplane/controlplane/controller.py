@@ -7,12 +7,15 @@ import asyncio
 import logging
 import signal
 import socket
+import time
 from pathlib import Path
 
 from ..errors import CapacityError, DbplaneError, MemberFailed, StoreUnavailable
 from ..models import DatabaseSpec, Operation, PlatformConfig
 from ..store import Store, keys
-from . import operations
+from . import operations, promote, replicas, switchover
+from .actions import Actions
+from .changes import progress as progress_modify
 from .databases import Pass, ensure_database, ensure_deleted
 from .topology import Snapshot, member_views
 
@@ -28,6 +31,8 @@ class Controller:
         self.data_root = data_root
         self.identity = f"{socket.gethostname()}:{id(self)}"
         self._stopping = asyncio.Event()
+        self.started_at = time.time()
+        self.actions = Actions()          # long Patroni calls, shared by all passes
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -44,7 +49,7 @@ class Controller:
     async def _sleep(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(self._stopping.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def _lead(self, store: Store) -> None:
@@ -73,7 +78,8 @@ class Controller:
     async def reconcile(self, store: Store) -> None:
         snap = await self.snapshot(store)
         config = await store.get(keys.config(), PlatformConfig) or PlatformConfig()
-        p = Pass(store=store, snap=snap, config=config, data_root=self.data_root)
+        p = Pass(store=store, snap=snap, config=config, data_root=self.data_root,
+                 actions=self.actions, started_at=self.started_at)
         for spec in snap.specs().values():
             try:
                 if spec.deleting:
@@ -107,6 +113,14 @@ class Controller:
         await p.store.put(keys.database_spec(spec.name), spec.model_copy(update={"deleting": True}))
 
     async def progress(self, store: Store, snap: Snapshot, op: Operation) -> None:
+        if op.kind in ("switchover", "failover"):
+            await switchover.progress(store, snap, op, self.actions)
+            return
+        drivers = {"add-replica": replicas.progress_add, "remove-replica": replicas.progress_remove,
+                   "promote-replica": promote.progress, "modify": progress_modify}
+        if op.kind in drivers:
+            await drivers[op.kind](store, snap, op)
+            return
         spec = snap.specs().get(op.database)
         status = snap.status(op.database)
         if op.kind == "create":

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DbplaneError, MemberFailed
-from ..models import (DatabaseSecrets, DatabaseSpec, DatabaseStatus, MemberSpec, PlatformConfig,
-                      now)
+from ..models import DatabaseSecrets, DatabaseSpec, DatabaseStatus, MemberSpec, PlatformConfig, now
 from ..security.scram import new_password
 from ..store import Store, keys
-from . import operations
+from ..system import port_free
+from . import changes, operations, promote, replicas, resume
+from .actions import Actions
 from .admin import ensure_admin_user, write_pgpass
 from .placement import allocate_ports, choose_host
 from .topology import Snapshot, member_views
@@ -29,6 +29,8 @@ class Pass:
     snap: Snapshot
     config: PlatformConfig
     data_root: Path
+    actions: Actions = field(default_factory=Actions)   # long Patroni calls in the background
+    started_at: float = 0.0       # when this controller process started (wall clock)
 
 
 def _is_local(address: str) -> bool:
@@ -38,14 +40,12 @@ def _is_local(address: str) -> bool:
         return False
 
 
-def _bindable(address: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((address, port))
-            return True
-        except OSError:
-            return False
+def free_ports(p: Pass, address: str, avoid=frozenset()) -> list[int]:
+    """Two ports on address that no member holds and, on this machine, nothing listens on."""
+    taken = {int(k.rsplit("/", 1)[1]) for k in p.snap.raw if k.startswith(keys.ports(address))}
+    local = _is_local(address)
+    return allocate_ports(taken | set(avoid), p.config.member_port_start, p.config.member_port_end,
+                          2, lambda port: not local or port_free(address, port))
 
 
 def desired_counts(spec: DatabaseSpec) -> dict[str, int]:
@@ -55,10 +55,16 @@ def desired_counts(spec: DatabaseSpec) -> dict[str, int]:
 async def ensure_database(p: Pass, spec: DatabaseSpec) -> None:
     status = p.snap.status(spec.name) or DatabaseStatus()
     check_creation(p, spec, status)
+    await promote.ensure_secrets(p, spec)
     await ensure_secrets(p, spec)
+    await promote.ensure_handover(p, spec)
     await ensure_placement(p, spec, status)
+    await replicas.ensure_scale_down(p, spec, desired_counts(spec))
+    await replicas.ensure_removed(p, spec)
     await ensure_ports_usable(p, spec)
     await ensure_admin(p, spec, status)
+    await resume.ensure_resumed(p, spec)
+    await changes.ensure_changes(p, spec, status)
     await observe(p, spec, status)
 
 
@@ -88,29 +94,42 @@ async def ensure_secrets(p: Pass, spec: DatabaseSpec) -> None:
 async def ensure_placement(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
     """Add members until each kind has as many as the spec asks for."""
     hosts = p.snap.hosts()
-    db_members = [m for m in p.snap.members(spec.name) if not m.deleting]
+    away = replicas.given_away(p.snap, spec.name)
+    db_members = [m for m in p.snap.members(spec.name) if replicas.active(spec, m, away)]
     all_members = p.snap.members()
+    if spec.promoted_from is not None and not await ensure_adopting_member(p, spec, status):
+        return
     want = desired_counts(spec)
     for kind in ("primary_candidate", "replica"):
         have = sum(1 for m in db_members if m.kind == kind)
         for _ in range(want[kind] - have):
-            host = choose_host(hosts, all_members, db_members, kind)
+            zone = replicas.wanted_zone(spec, db_members) if kind == "replica" else None
+            host = choose_host(hosts, all_members, db_members, kind, zone)
             member = await place_member(p, spec, status, host, kind)
             db_members.append(member)
             all_members.append(member)
 
 
+async def ensure_adopting_member(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> bool:
+    """A promoted database starts with one member that takes over the replica's data; the
+    others are placed once it leads. True when placement may go on."""
+    if p.snap.members(spec.name):
+        return p.snap.patroni(spec.name).leader is not None
+    found = promote.adoption_host(p, spec)
+    if found is not None:
+        host, source = found
+        await place_member(p, spec, status, host, "primary_candidate", adopt_from=source)
+    return False
+
+
 async def place_member(p: Pass, spec: DatabaseSpec, status: DatabaseStatus, host, kind: str,
-                       avoid: set[int] = frozenset()) -> MemberSpec:
-    taken = {int(k.rsplit("/", 1)[1]) for k in p.snap.raw if k.startswith(keys.ports(host.address))}
-    taken |= set(avoid)
-    check = (lambda port: _bindable(host.address, port)) if _is_local(host.address) else (lambda port: True)
-    pg_port, api_port = allocate_ports(taken, p.config.member_port_start, p.config.member_port_end,
-                                       2, check)
+                       avoid: set[int] = frozenset(), adopt_from: str = "") -> MemberSpec:
+    pg_port, api_port = free_ports(p, host.address, avoid)
     name = f"{spec.name}-{status.next_member_index}"
     status.next_member_index += 1
     member = MemberSpec(name=name, database=spec.name, host=host.name, zone=host.zone,
-                        address=host.address, pg_port=pg_port, api_port=api_port, kind=kind)
+                        address=host.address, pg_port=pg_port, api_port=api_port, kind=kind,
+                        adopt_from=adopt_from)
     # status first: a crash after it wastes a member index, never reuses one
     await p.store.put(keys.database_status(spec.name), status)
     ok = await p.store.create_all({
@@ -121,6 +140,7 @@ async def place_member(p: Pass, spec: DatabaseSpec, status: DatabaseStatus, host
                            code="conflict_retry", status=409)
     for port in (pg_port, api_port):
         p.snap.raw[keys.port(host.address, port)] = name.encode()
+    p.snap.raw[keys.member(spec.name, name)] = member.model_dump_json().encode()
     await operations.record_event(p.store, spec.name, "member-placed",
                                   f"{kind.replace('_', ' ')} {name} placed on {host.name} "
                                   f"(zone {host.zone}), port {pg_port}")
@@ -135,11 +155,7 @@ async def ensure_ports_usable(p: Pass, spec: DatabaseSpec) -> None:
         st = statuses.get(m.name)
         if m.deleting or st is None or st.reason != "port_in_use":
             continue
-        taken = {int(k.rsplit("/", 1)[1]) for k in p.snap.raw if k.startswith(keys.ports(m.address))}
-        check = (lambda port: _bindable(m.address, port)) if _is_local(m.address) else (lambda port: True)
-        pg_port, api_port = allocate_ports(taken | {m.pg_port, m.api_port},
-                                           p.config.member_port_start, p.config.member_port_end,
-                                           2, check)
+        pg_port, api_port = free_ports(p, m.address, {m.pg_port, m.api_port})
         old = (m.pg_port, m.api_port)
         moved = m.model_copy(update={"pg_port": pg_port, "api_port": api_port})
         await p.store.create_all({keys.port(m.address, pg_port): m.name,
@@ -180,8 +196,11 @@ async def observe(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
     hosts = {h.name for h in p.snap.hosts()}
     phase, message = "available", "all members running"
     problems = []
+    leaving = {m.name for m in p.snap.members(spec.name) if m.deleting or m.stopped}
     for v in views:
-        if v.host not in hosts:
+        if v.name in leaving:
+            continue
+        elif v.host not in hosts:
             problems.append(f"host {v.host} of {v.name} (zone {v.zone}) is down")
         elif v.role == "primary":
             continue
@@ -199,22 +218,41 @@ async def observe(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
             message += "; " + problems[0]
     elif not status.admin_ready:
         phase, message = "creating", f"primary {primary.name} is up; creating the admin user"
+    elif status.pending_changes and status.ever_available:
+        phase, message = "modifying", "; ".join(status.pending_changes)
     elif problems:
         phase = "creating" if not status.ever_available else "degraded"
         message = "; ".join(problems)
+    if keys.paused_by_down(spec.name) in p.snap.raw:
+        phase, message = "starting", "waiting for every member to start after 'dbplane up'"
     if primary is not None and status.primary not in (None, primary.name):
-        await operations.record_event(p.store, spec.name, "failover",
+        kind, why = primary_change_cause(p, spec.name, primary.name)
+        await operations.record_event(p.store, spec.name, kind,
                                       f"primary changed from {status.primary} to {primary.name} "
-                                      f"(zone {primary.zone})")
+                                      f"(zone {primary.zone}){why}")
+    first_time = phase == "available" and not status.ever_available
     new = status.model_copy(update={
         "phase": phase, "message": message,
         "primary": primary.name if primary else status.primary,
-        "ever_available": status.ever_available or phase == "available"})
-    if (new.phase, new.message, new.primary, new.ever_available) != (
-            status.phase, status.message, status.primary, status.ever_available) \
-            or p.snap.status(spec.name) is None:
+        "ever_available": status.ever_available or phase == "available",
+        # the bootstrap configuration carried the whole spec
+        "applied_generation": spec.generation if first_time else status.applied_generation})
+    old = p.snap.status(spec.name)
+    if old is None or new.model_dump(exclude={"updated_at"}) != old.model_dump(exclude={"updated_at"}):
         new.updated_at = now()
         await p.store.put(keys.database_status(spec.name), new)
+
+
+def primary_change_cause(p: Pass, db: str, new_primary: str) -> tuple[str, str]:
+    """(event kind, explanation) of a primary change: an operation asked for it, or not."""
+    for op in p.snap.operations():
+        if op.database != db or op.done:
+            continue
+        if op.kind in ("switchover", "failover") and op.params.get("to") == new_primary:
+            return op.kind, f": {op.kind} requested by operation {op.id}"
+        if op.kind == "modify":
+            return "switchover", f": rolling restart of operation {op.id}"
+    return "failover", ""
 
 
 async def ensure_deleted(p: Pass, spec: DatabaseSpec) -> None:

@@ -49,7 +49,7 @@ class Snapshot:
     def operations(self) -> list[Operation]:
         return [Operation.model_validate_json(v) for v in self._under(keys.operations()).values()]
 
-    def patroni(self, db: str) -> "PatroniView":
+    def patroni(self, db: str) -> PatroniView:
         return PatroniView.parse(self._under(keys.patroni_scope(db)), keys.patroni_scope(db))
 
 
@@ -62,7 +62,7 @@ class PatroniView:
     pending_failover: bool = False
 
     @classmethod
-    def parse(cls, raw: dict[str, bytes], prefix: str) -> "PatroniView":
+    def parse(cls, raw: dict[str, bytes], prefix: str) -> PatroniView:
         view = cls()
         for key, value in raw.items():
             rel = key[len(prefix):]

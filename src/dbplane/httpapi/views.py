@@ -35,8 +35,21 @@ def describe(spec: DatabaseSpec, snap: Snapshot) -> dict:
         "admin_user": spec.admin_user,
         "endpoints": endpoints(views),
         "members": [v.to_dict() for v in views],
+        "pending_changes": pending_changes(spec, status),
+        "promoted_from": spec.promoted_from.model_dump() if spec.promoted_from else None,
         "created_at": spec.created_at,
     }
+
+
+def pending_changes(spec: DatabaseSpec, status) -> list[str]:
+    """What a modification still waits for, in plain sentences (empty when applied)."""
+    if status is None or not status.ever_available or spec.deleting:
+        return []
+    if status.pending_changes:
+        return status.pending_changes
+    if status.applied_generation < spec.generation:
+        return ["waiting for the controller to pick up the change"]
+    return []
 
 
 def summary(spec: DatabaseSpec, snap: Snapshot) -> dict:

@@ -4,10 +4,9 @@ on 127.0.0.1, each a detached process with a pidfile and a log under the data ro
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import socket
-import sys
 import time
 from pathlib import Path
 
@@ -15,9 +14,17 @@ import httpx
 
 from .. import process
 from ..errors import DbplaneError, InvalidInput
-from ..models import PlatformConfig
+from ..models import DatabaseStatus, MemberSpec, PlatformConfig
 from ..paths import Layout, PlatformInfo
-from ..system import check_account_can_use, ensure_service_account, etcd_binary, venv_python
+from ..store import keys
+from ..store.gateway import Gateway
+from ..system import (
+    check_account_can_use,
+    ensure_service_account,
+    etcd_binary,
+    port_free,
+    venv_python,
+)
 
 ZONES = ("a", "b", "c")
 ADDRESS = "127.0.0.1"
@@ -34,13 +41,7 @@ def components() -> list[str]:
 
 
 def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((ADDRESS, port))
-            return True
-        except OSError:
-            return False
+    return port_free(ADDRESS, port)
 
 
 def choose_ports(port_base: int | None) -> PlatformInfo:
@@ -145,28 +146,65 @@ def up(root: Path, port_base: int | None = None, say=print) -> PlatformInfo:
 
 
 def _put_config(info: PlatformInfo) -> None:
-    """Write the platform config through etcd's JSON gateway (no asyncio needed here)."""
-    import base64
-    from ..store import keys
     config = PlatformConfig(member_port_start=info.member_port_start,
                             member_port_end=info.member_port_end)
-    b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
-    httpx.post(f"{info.etcd_url}/v3/kv/put", timeout=5,
-               json={"key": b64(keys.config()), "value": b64(config.model_dump_json())}
-               ).raise_for_status()
+    Gateway(info.etcd_url).put(keys.config(), config.model_dump_json())
+
+
+def pause_clusters(etcd: Gateway, timeout: float = 15.0) -> list[str]:
+    """Put every database's Patroni into maintenance mode so that stopping the hosts one
+    by one causes no failover; the controller resumes them after the next `up`.
+    Returns the databases paused."""
+    members = [MemberSpec.model_validate_json(v) for v in etcd.get_prefix(keys.members()).values()]
+    paused = []
+    for db in sorted({m.database for m in members}):
+        raw = etcd.get(f"{keys.patroni_scope(db)}config")
+        if raw is None:
+            continue
+        config = json.loads(raw)
+        etcd.put(keys.paused_by_down(db), str(time.time()))
+        status = etcd.get(keys.database_status(db))
+        if status is not None:       # say so until the controller sees it running again
+            etcd.put(keys.database_status(db), DatabaseStatus.model_validate_json(status).model_copy(
+                update={"phase": "stopped", "message": "stopped by 'dbplane down'"}).model_dump_json())
+        if not config.get("pause"):
+            etcd.put(f"{keys.patroni_scope(db)}config", json.dumps({**config, "pause": True}))
+        paused.append(db)
+    deadline = time.monotonic() + timeout
+    for m in members:
+        if m.database not in paused:
+            continue
+        while time.monotonic() < deadline:      # each Patroni notices within its loop_wait
+            try:
+                if httpx.get(f"http://{m.address}:{m.api_port}/patroni", timeout=1).json().get("pause"):
+                    break
+            except (httpx.HTTPError, ValueError):
+                break                            # not running: nothing to pause
+            time.sleep(0.2)
+    return paused
 
 
 def down(root: Path, say=print) -> list[str]:
-    """Stop agents first (they stop Patroni and PostgreSQL cleanly), then the rest."""
+    """Pause Patroni, stop agents (they stop Patroni and PostgreSQL), then the rest."""
     layout = Layout(root)
     stopped = []
+    if process.running_pid(layout.pidfile("etcd")):
+        try:
+            paused = pause_clusters(Gateway(layout.read_platform().etcd_url))
+            if paused:
+                say(f"paused failover for {', '.join(paused)}")
+        except DbplaneError as e:
+            say(f"could not pause failover ({e}); stopping anyway")
     agents = [c for c in components() if c.startswith("agent-")]
+    signalled = set()
     for c in agents:                         # signal all agents at once, then wait for each
         pid = process.running_pid(layout.pidfile(c))
         if pid:
             os.kill(pid, signal.SIGTERM)
+            signalled.add(c)
     for c in reversed(components()):
-        if process.stop(layout.pidfile(c), timeout=120 if c.startswith("agent-") else 30):
+        if process.stop(layout.pidfile(c), timeout=120 if c.startswith("agent-") else 30) \
+                or c in signalled:
             stopped.append(c)
             say(f"stopped {c}")
     return stopped

@@ -26,7 +26,7 @@ M = TypeVar("M", bound=BaseModel)
 
 def _translate(fn):
     @functools.wraps(fn)
-    async def wrapper(self: "Store", *args, **kwargs):
+    async def wrapper(self: Store, *args, **kwargs):
         try:
             return await fn(self, *args, **kwargs)
         except aetcd.exceptions.ClientError as e:
@@ -50,7 +50,7 @@ class Store:
         self._client = aetcd.Client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379,
                                     timeout=timeout, connect_wait_timeout=int(timeout))
 
-    async def __aenter__(self) -> "Store":
+    async def __aenter__(self) -> Store:
         await self.connect()
         return self
 
@@ -137,7 +137,7 @@ class Store:
     async def refresh(self, lease) -> None:
         await lease.refresh()
 
-    def changes(self, *prefixes: str) -> "ChangeSignal":
+    def changes(self, *prefixes: str) -> ChangeSignal:
         """A signal that fires when anything under the prefixes changes."""
         return ChangeSignal(self, prefixes)
 

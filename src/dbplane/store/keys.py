@@ -11,6 +11,7 @@ clusters live under PATRONI_NAMESPACE, one scope per database.
   /dbplane/v1/operations/<id>              Operation     API creates, controller drives
   /dbplane/v1/events/<db>/<id>             Event         controller
   /dbplane/v1/config                      PlatformConfig `dbplane up`
+  /dbplane/v1/paused-by-down/<db>         marker        `dbplane down` (Patroni paused)
   /dbplane/v1/controller/leader            host name     controller, under a lease
   /dbplane-patroni/<db>/...                Patroni's own keys (leader, sync, members, ...)
 """
@@ -81,6 +82,10 @@ def events(db: str = "") -> str:
 
 def event(db: str, event_id: str) -> str:
     return f"{ROOT}events/{db}/{event_id}"
+
+
+def paused_by_down(db: str = "") -> str:
+    return f"{ROOT}paused-by-down/{db}"
 
 
 def config() -> str:
