@@ -173,3 +173,37 @@ def test_down_and_up_keep_data(platform):
     assert any(e["kind"] == "port-conflict" and standby["name"] in e["message"] for e in events)
     assert not any(e["kind"] == "failover" for e in events)
     platform.cli("db", "delete", "keep", "--wait")
+
+
+def test_storage_quota_makes_database_read_only(platform):
+    """Over its --storage-gb quota a database refuses writes (RDS storage-full); raising
+    the quota with modify lets writes in again."""
+    platform.create("quota", "--storage-gb", "1")
+    with platform.connect("quota", autocommit=True) as conn:
+        conn.execute("CREATE TABLE filler AS SELECT repeat('x', 2000) AS pad "
+                     "FROM generate_series(1, 400000)")          # ~850 MB of table + its WAL
+    d = wait_for(lambda: (d := platform.describe("quota"))["status"] == "storage-full" and d,
+                 120, "the quota to be detected")
+    assert d["storage_used_bytes"] > 1024**3
+    assert "quota" in d["status_message"]
+    events = platform.cli_json("events", "quota")
+    assert any(e["kind"] == "storage-full" and "--storage-gb" in e["message"] for e in events)
+
+    def write_refused():
+        with platform.connect("quota", autocommit=True) as conn:
+            try:
+                conn.execute("INSERT INTO filler VALUES ('y')")
+                return False
+            except psycopg.errors.ReadOnlySqlTransaction:
+                return True
+    wait_for(write_refused, 30, "writes to be refused")
+
+    platform.cli("db", "modify", "quota", "--storage-gb", "4", "--wait")
+    platform.wait_available("quota")
+    with platform.connect("quota", autocommit=True) as conn:
+        wait_for(lambda: conn.execute("SHOW default_transaction_read_only").fetchone()[0] == "off",
+                 30, "read-only to be lifted")
+    with platform.connect("quota", autocommit=True) as conn:
+        conn.execute("INSERT INTO filler VALUES ('y')")
+    assert any(e["kind"] == "storage-ok" for e in platform.cli_json("events", "quota"))
+    platform.cli("db", "delete", "quota", "--wait")

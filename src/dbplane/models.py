@@ -114,11 +114,12 @@ class MemberStatus(BaseModel):
     pid: int | None = None
     replayed_at: float | None = None  # commit time of the last transaction a replica replayed
     restarts: int = 0                 # times Patroni exited on its own since it last ran well
+    storage_bytes: int | None = None  # size of the member's data directory (MiB granularity)
     updated_at: float = Field(default_factory=now)
 
 
 DatabasePhase = Literal["creating", "available", "modifying", "degraded", "failing-over",
-                        "deleting", "failed", "stopped", "starting"]
+                        "deleting", "failed", "stopped", "starting", "storage-full"]
 
 
 class DatabaseStatus(BaseModel):
@@ -129,6 +130,7 @@ class DatabaseStatus(BaseModel):
     primary: str | None = None        # last primary seen, to report failovers as events
     admin_ready: bool = False         # the admin user exists and its pgpass file is written
     ever_available: bool = False
+    storage_full: bool = False        # over the storage quota: writes are refused
     applied_generation: int = 0       # the spec generation whose changes are fully applied
     pending_changes: list[str] = Field(default_factory=list)   # plain sentences, for describe
     restarted: list[str] = Field(default_factory=list)   # members restarted for applied_generation+

@@ -35,6 +35,24 @@ log = logging.getLogger("dbplane.agent")
 HOST_TTL = 10          # seconds without the agent before its host counts as down
 PASS_INTERVAL = 2.0    # longest wait between passes when nothing changes
 HEALTHY_AFTER = 60.0   # seconds a Patroni must run before its exit count is forgotten
+STORAGE_INTERVAL = 10.0  # seconds between measurements of a member's data directory
+MIB = 1024 * 1024
+
+
+def dir_size(path: Path) -> int | None:
+    """Bytes used by the files under path, rounded down to MiB so that small changes do
+    not cause a status write every pass."""
+    total = 0
+    try:
+        for dirpath, _, files in os.walk(path):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    pass      # removed while walking (WAL recycling, temp files)
+    except OSError:
+        return None
+    return total // MIB * MIB
 
 
 def last_error(log: Path, lines: int = 80) -> str:
@@ -66,6 +84,7 @@ class Agent:
         self._reported: dict[str, tuple] = {}
         self._crashes: dict[str, int] = {}         # member -> exits since it last ran well
         self._next_start: dict[str, float] = {}    # member -> monotonic time of next start
+        self._storage: dict[str, tuple[int | None, float]] = {}   # member -> (bytes, when)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -164,7 +183,8 @@ class Agent:
             if time.time() - psutil.Process(pid).create_time() > HEALTHY_AFTER:
                 self._crashes.pop(member.name, None)
             await self.report(store, member, "running", "patroni running", pid,
-                              replayed_at=await self.replayed_at(member))
+                              replayed_at=await self.replayed_at(member),
+                              storage_bytes=await self.storage_bytes(member.name, mdir / "data"))
             return
         if pidfile.exists():
             # Patroni exited although nobody stopped it: killed, crashed or failed to
@@ -225,18 +245,27 @@ class Agent:
         except (httpx.HTTPError, ValueError):
             return None
 
+    async def storage_bytes(self, member: str, data_dir: Path) -> int | None:
+        """The data directory's size, measured at most every STORAGE_INTERVAL seconds."""
+        size, measured = self._storage.get(member, (None, 0.0))
+        if time.monotonic() - measured >= STORAGE_INTERVAL:
+            size = await asyncio.get_running_loop().run_in_executor(None, dir_size, data_dir)
+            self._storage[member] = (size, time.monotonic())
+        return size
+
     async def report(self, store: Store, member: MemberSpec, state: str, message: str,
                      pid: int | None = None, reason: str = "",
-                     replayed_at: float | None = None, restarts: int = 0) -> None:
+                     replayed_at: float | None = None, restarts: int = 0,
+                     storage_bytes: int | None = None) -> None:
         """Write member status only when it changed: status writes wake the controller."""
-        key = (state, message, pid, member.pg_port, replayed_at, restarts, reason)
+        key = (state, message, pid, member.pg_port, replayed_at, restarts, reason, storage_bytes)
         if self._reported.get(member.name) == key:
             return
         await store.put(keys.member_status(member.database, member.name),
                         MemberStatus(name=member.name, database=member.database,
                                      host=self.host.name, state=state, message=message, pid=pid,
                                      reason=reason, replayed_at=replayed_at,
-                                     restarts=restarts))
+                                     restarts=restarts, storage_bytes=storage_bytes))
         self._reported[member.name] = key
 
     # -- stopping ------------------------------------------------------------------------

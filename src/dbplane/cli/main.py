@@ -223,12 +223,14 @@ def db_modify(name: str,
               param: list[str] = typer.Option([], "--param", help="PostgreSQL setting k=v"),
               multi_az: bool | None = typer.Option(None, "--multi-az/--no-multi-az",
                                                       help="add or remove the standby"),
+              storage_gb: int | None = typer.Option(None, help="new storage quota in GB"),
               wait: bool = typer.Option(False, "--wait", help="wait until applied"),
               output: Output = OutputOpt):
     """Change class, parameters or Multi-AZ. Settings that need a restart are applied by a
     rolling restart: replicas first, then a switchover to the standby."""
     op = client().patch(f"/v1/databases/{name}", {
-        "class": instance_class, "params": parse_params(param), "multi_az": multi_az})
+        "class": instance_class, "params": parse_params(param), "multi_az": multi_az,
+        "storage_gb": storage_gb})
     restart = op["params"].get("restart") or []
     if restart and output == Output.table:
         render.err_console.print(f"{', '.join(restart)} take effect after a restart: rolling "

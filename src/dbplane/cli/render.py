@@ -50,6 +50,9 @@ def describe_database(d: dict) -> None:
                   f"{'Multi-AZ' if d['multi_az'] else 'Single-AZ'}, {d['replicas']} read replica(s)")
     console.print(f"  writer     {d['endpoints']['writer'] or '-'}")
     console.print(f"  reader     {d['endpoints']['reader'] or '-'}")
+    used = d.get("storage_used_bytes")
+    console.print(f"  storage    {'?' if used is None else used // 2**20} MB used of "
+                  f"{d['storage_gb']} GB")
     if d.get("params"):
         console.print("  params     " + ", ".join(f"{k}={v}" for k, v in d["params"].items()))
     if d.get("promoted_from"):

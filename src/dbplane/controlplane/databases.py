@@ -13,7 +13,7 @@ from ..models import DatabaseSecrets, DatabaseSpec, DatabaseStatus, MemberSpec, 
 from ..security.scram import new_password
 from ..store import Store, keys
 from ..system import port_free
-from . import changes, operations, promote, replicas, resume
+from . import changes, operations, promote, replicas, resume, storage
 from .actions import Actions
 from .admin import ensure_admin_user, write_pgpass
 from .placement import allocate_ports, choose_host
@@ -64,6 +64,7 @@ async def ensure_database(p: Pass, spec: DatabaseSpec) -> None:
     await ensure_ports_usable(p, spec)
     await ensure_admin(p, spec, status)
     await resume.ensure_resumed(p, spec)
+    await storage.ensure_storage_quota(p, spec, status)
     await changes.ensure_changes(p, spec, status)
     await observe(p, spec, status)
 
@@ -223,6 +224,10 @@ async def observe(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
     elif problems:
         phase = "creating" if not status.ever_available else "degraded"
         message = "; ".join(problems)
+    if status.storage_full and primary is not None:
+        used = storage.used_bytes(views) or 0
+        phase, message = "storage-full", (f"{used // 2**20} MB used of the {spec.storage_gb} GB "
+                                          "quota: read-only until the quota is raised")
     if keys.paused_by_down(spec.name) in p.snap.raw:
         phase, message = "starting", "waiting for every member to start after 'dbplane up'"
     if primary is not None and status.primary not in (None, primary.name):

@@ -105,11 +105,13 @@ class MemberView:
     timeline: int | None
     message: str = ""
     lag_seconds: float | None = None
+    storage_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return {"name": self.name, "role": self.role, "zone": self.zone, "host": self.host,
                 "port": self.port, "address": self.address, "state": self.state,
                 "lag_bytes": self.lag_bytes, "lag_seconds": self.lag_seconds,
+                "storage_bytes": self.storage_bytes,
                 "timeline": self.timeline, "kind": self.kind,
                 "message": self.message}
 
@@ -157,6 +159,7 @@ def member_views(snapshot: Snapshot, db: str) -> list[MemberView]:
             name=m.name, role=role, zone=m.zone, host=m.host, address=m.address, port=m.pg_port,
             api_port=m.api_port, kind=m.kind, state=state, lag_bytes=lag,
             timeline=p.get("timeline") if p else None, lag_seconds=lag_seconds,
+            storage_bytes=st.storage_bytes if st else None,
             message=st.message if st and st.state == "failed" else ""))
     return views
 

@@ -37,6 +37,7 @@ class ModifyRequest(BaseModel):
     instance_class: str | None = Field(None, alias="class")
     params: dict[str, str] = Field(default_factory=dict)
     multi_az: bool | None = None
+    storage_gb: int | None = Field(None, ge=1, le=65536)
 
     model_config = {"populate_by_name": True}
 
@@ -213,8 +214,9 @@ async def promote_replica(name: str, member: str, body: PromoteRequest, request:
 @router.patch("/v1/databases/{name}", status_code=202)
 async def modify_database(name: str, body: ModifyRequest, request: Request):
     s = _store(request)
-    if body.instance_class is None and not body.params and body.multi_az is None:
-        raise InvalidInput("nothing to modify", "pass --class, --param k=v or "
+    if body.instance_class is None and not body.params and body.multi_az is None \
+            and body.storage_gb is None:
+        raise InvalidInput("nothing to modify", "pass --class, --param k=v, --storage-gb N or "
                            "--multi-az/--no-multi-az", code="nothing_to_modify")
     if body.instance_class is not None:
         get_class(body.instance_class)
@@ -231,6 +233,7 @@ async def modify_database(name: str, body: ModifyRequest, request: Request):
         "instance_class": body.instance_class or spec.instance_class,
         "params": {**spec.params, **body.params},
         "multi_az": spec.multi_az if body.multi_az is None else body.multi_az,
+        "storage_gb": body.storage_gb or spec.storage_gb,
         "generation": spec.generation + 1})
     op = Operation(kind="modify", database=name, params={
         **body.model_dump(by_alias=True), "generation": new.generation,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..classes import get_class
+from ..controlplane.storage import used_bytes
 from ..controlplane.topology import Snapshot, endpoints, member_views
 from ..models import DatabaseSpec
 from ..store import Store, keys
@@ -31,6 +32,7 @@ def describe(spec: DatabaseSpec, snap: Snapshot) -> dict:
         "multi_az": spec.multi_az,
         "replicas": spec.replicas,
         "storage_gb": spec.storage_gb,
+        "storage_used_bytes": used_bytes(views),
         "params": spec.params,
         "admin_user": spec.admin_user,
         "endpoints": endpoints(views),
