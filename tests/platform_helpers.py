@@ -97,8 +97,9 @@ class Platform:
     def connect(self, name: str, endpoint: str | None = None, **kw) -> psycopg.Connection:
         d = self.describe(name)
         host, port = (endpoint or d["endpoints"]["writer"]).rsplit(":", 1)
-        return psycopg.connect(host=host, port=int(port), user=d["admin_user"], dbname="postgres",
-                               passfile=str(self.layout.pgpass(name)), connect_timeout=5, **kw)
+        kw = {"dbname": "postgres", "connect_timeout": 5, **kw}
+        return psycopg.connect(host=host, port=int(port), user=d["admin_user"],
+                               passfile=str(self.layout.pgpass(name)), **kw)
 
     # -- faults ------------------------------------------------------------------------
 

@@ -118,7 +118,7 @@ class MemberStatus(BaseModel):
     updated_at: float = Field(default_factory=now)
 
 
-DatabasePhase = Literal["creating", "available", "modifying", "degraded", "failing-over",
+DatabasePhase = Literal["creating", "available", "modifying", "degraded", "failing-over", "unavailable",
                         "deleting", "failed", "stopped", "starting", "storage-full"]
 
 

@@ -3,6 +3,7 @@ processes run as, the interpreter it can execute, and where PostgreSQL's binarie
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import pwd
@@ -66,6 +67,14 @@ def _package_dir(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise InvalidInput(f"the {name} package is not installed", "run scripts/setup")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+@functools.cache
+def postgres_major_version() -> str:
+    """The major version of the configured PostgreSQL, e.g. "18" (from `postgres --version`)."""
+    out = subprocess.run([f"{postgres_bin_dir()}/postgres", "--version"], capture_output=True,
+                         text=True, check=True).stdout
+    return out.split()[-1].split(".")[0]
 
 
 def etcd_binary() -> str:

@@ -387,8 +387,8 @@ def main() -> None:
     try:
         app()
     except DbplaneError as e:
-        render.err_console.print(f"error: {e.message}" + (f"; {e.hint}" if e.hint else ""),
-                                 highlight=False, soft_wrap=True)
+        render.err_console.print(f"error: {e.message}" + (f"; {e.hint}" if e.hint else "")
+                                 + f" ({e.code})", highlight=False, soft_wrap=True, markup=False)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -213,8 +213,12 @@ async def observe(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
     if spec.multi_az and primary and not any(v.role == "sync_standby" for v in views):
         problems.append("no synchronous standby yet")
     if primary is None:
-        phase = "creating" if not status.ever_available else "failing-over"
-        message = "waiting for Patroni to elect a primary"
+        if not status.ever_available:
+            phase, message = "creating", "waiting for Patroni to elect a primary"
+        elif spec.multi_az:
+            phase, message = "failing-over", "waiting for Patroni to elect a primary"
+        else:       # nothing can take over: the member restarts when its host returns
+            phase, message = "unavailable", "the primary is down; waiting for its host to return"
         if problems:
             message += "; " + problems[0]
     elif not status.admin_ready:

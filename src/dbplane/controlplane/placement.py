@@ -56,5 +56,5 @@ def allocate_ports(taken: set[int], start: int, end: int, count: int,
             if len(found) == count:
                 return found
     raise CapacityError(f"no free ports left in {start}-{end - 1}",
-                        "delete unused databases or widen the range with "
-                        "'dbplane up --member-ports START-END'", code="no_ports")
+                        "delete unused databases, or widen member_port_start/member_port_end "
+                        "in the platform config (etcd key /dbplane/v1/config)", code="no_ports")

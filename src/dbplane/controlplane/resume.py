@@ -23,7 +23,8 @@ async def ensure_resumed(p, spec: DatabaseSpec) -> None:
         return
     status = p.snap.status(spec.name)
     if status and status.primary in {m.name for m in members}:
-        # the primary before the stop takes the lead again: no needless new timeline
+        # the primary before the stop takes the lead again instead of whichever member starts
+        # first (Patroni's cold start without a leader key still begins a new timeline)
         await p.store.put(keys.patroni_scope(spec.name) + "failover",
                           {"member": status.primary})   # Patroni: member = candidate
     config_key = keys.patroni_scope(spec.name) + "config"

@@ -16,6 +16,7 @@ from ..classes import CLASSES, get_class
 from ..errors import CapacityError, Conflict, DbplaneError, InvalidInput, NotFound
 from ..models import NAME_RE, DatabaseSpec, Event, Host, Operation
 from ..store import Store, keys
+from ..system import postgres_major_version
 from .ha_routes import router as ha_router
 from .views import database_snapshot, describe, summary
 
@@ -116,7 +117,8 @@ def create_app(etcd_url: str) -> FastAPI:
                 "--no-multi-az", code="not_enough_zones")
         spec = DatabaseSpec(name=body.name, instance_class=body.instance_class,
                             multi_az=body.multi_az, replicas=body.replicas,
-                            storage_gb=body.storage_gb, params=body.params)
+                            storage_gb=body.storage_gb, params=body.params,
+                            version=postgres_major_version())
         op = Operation(kind="create", database=body.name, params=body.model_dump(by_alias=True))
         if not await s.create_all({keys.database_spec(body.name): spec, keys.operation(op.id): op}):
             existing = await s.get(keys.database_spec(body.name), DatabaseSpec)
