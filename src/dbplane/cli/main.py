@@ -69,10 +69,15 @@ def root() -> Path:
 @app.command()
 def up(demo: bool = typer.Option(False, "--demo", help="also create a demo Multi-AZ database"),
        port_base: int | None = typer.Option(None, help="first of the ports to use "
-                                               "(etcd, etcd peer, API; members from +10)")):
+                                               "(etcd, etcd peer, API; members from +10)"),
+       pg_bin_dir: str | None = typer.Option(
+           None, envvar="DBPLANE_PG_BIN_DIR",
+           help="a system PostgreSQL 15+ bin directory instead of the embedded PostgreSQL 18 "
+                "(fixed at the first 'up' of a data root)")):
     """Start etcd, the controller, the API and three agents (zones a, b, c) on 127.0.0.1."""
     from ..platform import launcher
-    info = launcher.up(root(), port_base, say=lambda m: render.err_console.print(f"  {m}"))
+    info = launcher.up(root(), port_base, pg_bin_dir,
+                       say=lambda m: render.err_console.print(f"  {m}"))
     render.console.print(f"dbplane is up: API {info.api_url}, etcd {info.etcd_url}, "
                          f"data in {root()}")
     if demo:

@@ -23,6 +23,8 @@ from ..system import (
     ensure_service_account,
     etcd_binary,
     port_free,
+    postgres_bin_dir,
+    postgres_major_version,
     venv_python,
 )
 
@@ -108,17 +110,35 @@ def _wait(check, what: str, log: Path, layout: Layout, timeout: float = START_TI
                        f"see {log}", code="start_timeout")
 
 
-def up(root: Path, port_base: int | None = None, say=print) -> PlatformInfo:
+def up(root: Path, port_base: int | None = None, pg_bin_dir: str | None = None,
+       say=print) -> PlatformInfo:
     layout = Layout(root)
+    os.environ.pop("DBPLANE_PG_BIN_DIR", None)
+    if pg_bin_dir:
+        os.environ["DBPLANE_PG_BIN_DIR"] = pg_bin_dir
+    if layout.platform_file.exists():
+        info = layout.read_platform()
+        if pg_bin_dir and postgres_bin_dir() != info.pg_bin_dir:
+            raise InvalidInput(f"this platform runs PostgreSQL from {info.pg_bin_dir}",
+                               "its databases cannot change engine binaries; use another data root",
+                               code="engine_mismatch")
+        if not info.pg_bin_dir:                  # recorded before engines were selectable
+            info = info.model_copy(update={"pg_bin_dir": postgres_bin_dir()})
+        os.environ["DBPLANE_PG_BIN_DIR"] = info.pg_bin_dir    # components inherit it
+    else:
+        major = int(postgres_major_version())
+        if major < 15:
+            raise InvalidInput(f"PostgreSQL {major} in {postgres_bin_dir()} is too old",
+                               "use PostgreSQL 15 or newer, or the embedded 18 (no --pg-bin-dir)",
+                               code="engine_unsupported")
+        info = choose_ports(port_base).model_copy(update={"pg_bin_dir": postgres_bin_dir()})
+        os.environ["DBPLANE_PG_BIN_DIR"] = info.pg_bin_dir
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o755)
     run_as = ensure_service_account()
-    check_account_can_use(run_as, [str(root), venv_python()])
-    if layout.platform_file.exists():
-        info = layout.read_platform()
-    else:
-        info = choose_ports(port_base)
-        layout.write_platform(info)
+    check_account_can_use(run_as, [str(root), venv_python(), info.pg_bin_dir + "/postgres"])
+    layout.write_platform(info)
+    # every component uses the engine recorded at the first `up`
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for component in components():
         pidfile = layout.pidfile(component)
