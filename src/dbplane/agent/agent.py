@@ -32,7 +32,7 @@ from .postgres import stop_postgres
 
 log = logging.getLogger("dbplane.agent")
 
-HOST_TTL = 10          # seconds without the agent before its host counts as down
+HOST_TTL = 6           # seconds without the agent before its host counts as down
 PASS_INTERVAL = 2.0    # longest wait between passes when nothing changes
 HEALTHY_AFTER = 60.0   # seconds a Patroni must run before its exit count is forgotten
 STORAGE_INTERVAL = 10.0  # seconds between measurements of a member's data directory
@@ -119,21 +119,34 @@ class Agent:
         except TimeoutError:
             pass
 
-    async def _serve(self, store: Store) -> None:
+    async def _register(self, store: Store):
         lease = await store.lease(HOST_TTL)
         await store.put(keys.host(self.host.name), self.host, lease=lease)
+        return lease
+
+    async def _keep_alive(self, store: Store, lease) -> None:
+        """Refresh the host's lease on its own schedule, so that a long pass (stopping a
+        member can take a minute) never makes a live host look dead."""
+        while True:
+            await asyncio.sleep(HOST_TTL / 4)
+            try:
+                await store.refresh(lease)
+                if await store.get_raw(keys.host(self.host.name)) is None:
+                    lease = await self._register(store)        # the lease expired: again
+            except StoreUnavailable:
+                continue                                       # the pass loop reconnects
+            except Exception:
+                lease = await self._register(store)
+
+    async def _serve(self, store: Store) -> None:
+        lease = await self._register(store)
         log.info("agent %s (zone %s) registered", self.host.name, self.host.zone)
         changes = store.changes(keys.members(), keys.ROOT + "secrets/")
+        keepalive = asyncio.create_task(self._keep_alive(store, lease))
         try:
             while not self._stopping.is_set():
-                try:
-                    await store.refresh(lease)
-                    if await store.get_raw(keys.host(self.host.name)) is None:
-                        lease = await store.lease(HOST_TTL)       # lease expired: register again
-                        await store.put(keys.host(self.host.name), self.host, lease=lease)
-                except Exception:
-                    lease = await store.lease(HOST_TTL)
-                    await store.put(keys.host(self.host.name), self.host, lease=lease)
+                if keepalive.done():
+                    keepalive.result()              # surface why it stopped
                 await self.reconcile(store)
                 wait = asyncio.create_task(changes.wait(PASS_INTERVAL))
                 stop = asyncio.create_task(self._stopping.wait())
@@ -142,6 +155,7 @@ class Agent:
                     t.cancel()
             await store.delete(keys.host(self.host.name))
         finally:
+            keepalive.cancel()
             changes.close()
 
     # -- one pass ------------------------------------------------------------------------
