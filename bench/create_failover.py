@@ -179,6 +179,7 @@ class Writer(threading.Thread):
         self.passfile = passfile
         self.result = WriterResult()
         self.kill_time: float | None = None
+        self.killed = threading.Event()
         self.next_id = 1
         self.notices: list[str] = []
 
@@ -226,8 +227,10 @@ class Writer(threading.Thread):
         self.probe()
 
     def probe(self) -> None:
-        while self.kill_time is None:          # the writer failed before the kill: wait for it
-            time.sleep(0.01)
+        # the writer failed before the kill: wait for it (bounded like everything here)
+        if not self.killed.wait(PROBE_TIMEOUT_S) or self.kill_time is None:
+            self.result.gave_up = "the node was never killed"
+            return
         deadline = self.kill_time + PROBE_TIMEOUT_S
         while time.time() < deadline and self.result.attempts_after_kill < PROBE_MAX_ATTEMPTS:
             for host, port in self.endpoints:
@@ -345,6 +348,7 @@ def measure(b: Bench, run: int, profile: str, rng: random.Random, db: str) -> Ru
 
     kill_time = time.time()
     writer.kill_time = kill_time
+    writer.killed.set()
     b.kill_node(primary["zone"])
     writer.join(PROBE_TIMEOUT_S + 30)
     res = writer.result
