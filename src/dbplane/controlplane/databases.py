@@ -207,7 +207,9 @@ async def observe(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
             continue
         elif v.state not in ("streaming",):
             detail = f": {v.message}" if v.message else ""
-            problems.append(f"{v.role.replace('_', ' ')} {v.name} in zone {v.zone} is {v.state}{detail}")
+            what = v.role.replace("_", " ") if v.role != "unknown" else (
+                "standby" if v.kind == "primary_candidate" else "read replica")
+            problems.append(f"{what} {v.name} in zone {v.zone} is {v.state}{detail}")
         elif v.lag_bytes and v.lag_bytes > 16 * 1024 * 1024:
             problems.append(f"{v.name} is {v.lag_bytes // (1024 * 1024)} MB behind")
     if spec.multi_az and primary and not any(v.role == "sync_standby" for v in views):
