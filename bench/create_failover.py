@@ -57,6 +57,9 @@ from dbplane.paths import Layout
 from dbplane.process import running_pid
 from dbplane.system import etcd_binary, postgres_bin_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from platform_helpers import wait_for  # noqa: E402  (the tests' condition wait)
+
 PROFILES = {
     # dbplane's own timing (src/dbplane/agent/patroni.py DCS_TIMING): no PATCH needed
     "dbplane": None,
@@ -268,21 +271,6 @@ class RunResult:
     rejoin_s: float | None
     kill_after_s: float = 0.0
     error: str = ""
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as e:   # not there yet
-            last = e
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}"
-                       + (f" (last error: {last})" if last else ""))
 
 
 def apply_profile(b: Bench, db: str, primary: str, timing: dict | None) -> int | None:
