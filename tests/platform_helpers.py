@@ -94,12 +94,23 @@ class Platform:
     def member(self, name: str, role: str) -> dict:
         return next(m for m in self.describe(name)["members"] if m["role"] == role)
 
-    def connect(self, name: str, endpoint: str | None = None, **kw) -> psycopg.Connection:
+    def connect(self, name: str, endpoint: str = "writer", **kw) -> psycopg.Connection:
+        """Through the proxy's writer or reader endpoint, or to "host:port" (a node)."""
         d = self.describe(name)
-        host, port = (endpoint or d["endpoints"]["writer"]).rsplit(":", 1)
+        host, port = d["endpoints"].get(endpoint, endpoint).rsplit(":", 1)
         kw = {"dbname": "postgres", "connect_timeout": 5, **kw}
         return psycopg.connect(host=host, port=int(port), user=d["admin_user"],
                                passfile=str(self.layout.pgpass(name)), **kw)
+
+    def connect_node(self, name: str, role: str = "primary", **kw) -> psycopg.Connection:
+        """Straight to a node (not through the proxy), by its role."""
+        m = self.member(name, role)
+        return self.connect(name, f"{m['address']}:{m['port']}", **kw)
+
+    def proxy_processes(self) -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"])
+                if "dbplane.proxy" in " ".join(p.info["cmdline"] or [])
+                and str(self.root) in " ".join(p.info["cmdline"] or [])]
 
     # -- faults ------------------------------------------------------------------------
 

@@ -28,7 +28,9 @@ class Writer(threading.Thread):
 
     def run(self):
         try:
-            with self.platform.connect(self.db, autocommit=True) as conn:
+            # straight to the primary node: this is about the node dying (the proxy's own
+            # failover behaviour is tested in test_proxy.py)
+            with self.platform.connect_node(self.db, autocommit=True) as conn:
                 for i in range(1_000_000):
                     if self.stop.is_set():
                         return
@@ -50,16 +52,18 @@ def test_multi_az_database_survives_node_death(platform):
         assert {"name", "role", "zone", "host", "port", "state", "lag_bytes"} <= m.keys()
     primary, standby = roles["primary"], roles["sync_standby"]
     assert primary["zone"] != standby["zone"]
-    assert d["endpoints"]["writer"] == f"127.0.0.1:{primary['port']}"
-    assert d["endpoints"]["reader"] == f"127.0.0.1:{roles['replica']['port']}"
+    assert d["node_endpoints"]["writer"] == f"127.0.0.1:{primary['port']}"
+    assert d["node_endpoints"]["reader"] == f"127.0.0.1:{roles['replica']['port']}"
+    endpoints = d["endpoints"]           # the proxy's: they never change
+    assert endpoints["writer"].startswith("127.0.0.1:") and endpoints["writer"] != endpoints["reader"]
     listed = {x["name"]: x for x in platform.cli_json("db", "list")}
     assert listed["orders"]["status"] == "available" and listed["orders"]["members"] == 3
     assert "orders" in platform.cli("db", "list").stdout
 
     url = platform.cli("db", "url", "orders").stdout.strip()
-    assert url == (f"postgresql://dbadmin@127.0.0.1:{primary['port']}/postgres"
+    assert url == (f"postgresql://dbadmin@{endpoints['writer']}/postgres"
                    f"?passfile={platform.layout.pgpass('orders')}")
-    assert f":{roles['replica']['port']}/" in platform.cli("db", "url", "orders", "--reader").stdout
+    assert f"@{endpoints['reader']}/" in platform.cli("db", "url", "orders", "--reader").stdout
     r = platform.cli("db", "connect", "orders", input="SELECT 40 + 2 AS answer;\n")
     assert "42" in r.stdout
     r = platform.cli("db", "connect", "orders", "--reader", input="SELECT pg_is_in_recovery();\n")
@@ -81,7 +85,8 @@ def test_multi_az_database_survives_node_death(platform):
                    and p, 90, "a new primary")
     assert new["name"] == standby["name"], "the synchronous standby must be promoted"
     d = platform.describe("orders")
-    assert d["endpoints"]["writer"] == f"127.0.0.1:{new['port']}"
+    assert d["node_endpoints"]["writer"] == f"127.0.0.1:{new['port']}"
+    assert d["endpoints"] == endpoints
     with platform.connect("orders") as conn:
         ids = {r[0] for r in conn.execute("SELECT id FROM acked")}
     missing = set(writer.acked) - ids

@@ -303,10 +303,10 @@ def test_replica_add_and_remove(platform, ha_rep):
     assert d["replicas"] == 1
     replica = next(m for m in d["members"] if m["kind"] == "replica")
     assert replica["zone"] == "c" and replica["state"] == "streaming"
-    assert d["endpoints"]["reader"] == f"{replica['address']}:{replica['port']}"
+    assert d["node_endpoints"]["reader"] == f"{replica['address']}:{replica['port']}"
     with platform.connect(ha_rep, autocommit=True) as c:
         c.execute("INSERT INTO rows (id) VALUES (1)")
-    with platform.connect(ha_rep, endpoint=d["endpoints"]["reader"], autocommit=True) as c:
+    with platform.connect(ha_rep, "reader", autocommit=True) as c:
         wait_for(lambda: c.execute("SELECT count(*) FROM rows WHERE id = 1").fetchone()[0] == 1,
                  30, "the row on the read replica")
 

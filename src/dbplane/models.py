@@ -34,6 +34,25 @@ class Host(BaseModel):
     started_at: float = Field(default_factory=now)
 
 
+PoolMode = Literal["transaction", "session"]
+
+
+class ProxySettings(BaseModel):
+    """How the connection proxy treats one database (like RDS Proxy's target group
+    settings). Per proxy process unless said otherwise; see docs/proxy.md."""
+    pool_mode: PoolMode = "transaction"
+    pool_size: int = Field(20, ge=1, le=10000)   # server connections per (database, user, node)
+    # connections of max_connections that proxies leave free (admin, Patroni, replication)
+    reserve_connections: int = Field(10, ge=0, le=10000)
+    max_client_connections: int = Field(5000, ge=1, le=1000000)
+    queue_timeout: float = Field(30.0, gt=0, le=3600)        # s a client waits for a server connection
+    idle_server_timeout: float = Field(60.0, gt=0, le=86400)  # s before an idle server connection closes
+    idle_client_timeout: float = Field(0.0, ge=0, le=86400)   # s before an idle client is closed; 0 = never
+    failover_hold: float = Field(30.0, ge=0, le=600)          # s new transactions wait for a new primary
+    reader_max_lag_bytes: int = Field(16 * 1024 * 1024, ge=0)  # replicas lagging more get no reads
+    read_your_writes_users: list[str] = Field(default_factory=list)
+
+
 class DatabaseSpec(BaseModel):
     """What the user asked for. Written only by the API."""
     name: str
@@ -56,6 +75,7 @@ class DatabaseSpec(BaseModel):
     promoted_members: dict[str, str] = Field(default_factory=dict)
     # set on a database made by promoting a read replica of another one (`replica promote`)
     promoted_from: PromotedFrom | None = None
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
 
     @field_validator("name")
     @classmethod
@@ -192,3 +212,38 @@ class PlatformConfig(BaseModel):
     """Platform-wide settings in etcd, written by `dbplane up` (or an operator)."""
     member_port_start: int = 54400
     member_port_end: int = 55400
+    # the host name clients use for proxy endpoints: a name or address that reaches the
+    # proxies on every host (a DNS name or load balancer across many hosts)
+    proxy_host: str = "127.0.0.1"
+
+
+class ProxyPorts(BaseModel):
+    """A database's stable endpoints: every proxy listens on these ports. Controller."""
+    writer: int
+    reader: int
+
+
+class ProxyLimits(BaseModel):
+    """Server connections each proxy process may open to one node of a database, so that
+    all proxies together stay below max_connections minus the reserve. Controller."""
+    per_proxy: int
+    proxies: int
+    max_connections: int
+
+
+class ProxyInstance(BaseModel):
+    """A running proxy process, registered under a lease. Proxy."""
+    id: str
+    host: str
+    address: str
+    admin_port: int          # HTTP: /stats, /cancel
+    pid: int
+    started_at: float = Field(default_factory=now)
+
+
+class ProxyDrain(BaseModel):
+    """Before a switchover the controller asks proxies to hold new writer transactions
+    and to report when none runs on the old primary. Controller."""
+    operation: str
+    primary: str             # the member being switched away from
+    since: float = Field(default_factory=now)

@@ -25,6 +25,7 @@ from ..errors import StoreUnavailable
 from ..models import DatabaseSecrets, DatabaseSpec, Host, MemberSpec, MemberStatus
 from ..paths import write_private
 from ..process import RunAs
+from ..security.tls import ensure_self_signed
 from ..store import Store, keys
 from ..system import check_account_can_use, port_free, postgres_bin_dir, venv_python
 from . import adopt, patroni
@@ -72,7 +73,7 @@ def last_error(log: Path, lines: int = 80) -> str:
 
 class Agent:
     def __init__(self, etcd_url: str, name: str, zone: str, address: str, host_dir: Path,
-                 run_as: RunAs | None):
+                 run_as: RunAs | None, proxy_workers: int = 1):
         self.etcd_url = etcd_url
         self.host = Host(name=name, zone=zone, address=address, data_dir=str(host_dir))
         self.host_dir = host_dir
@@ -85,6 +86,10 @@ class Agent:
         self._crashes: dict[str, int] = {}         # member -> exits since it last ran well
         self._next_start: dict[str, float] = {}    # member -> monotonic time of next start
         self._storage: dict[str, tuple[int | None, float]] = {}   # member -> (bytes, when)
+        self.proxy_workers = proxy_workers
+        self.tls_dir = host_dir / "tls"
+        self._proxy_exits: dict[int, int] = {}      # worker -> exits in a row
+        self._proxy_next_start: dict[int, float] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -94,6 +99,10 @@ class Agent:
             os.chmod(d, 0o755)
         check_account_can_use(self.run_as, [self.python, self.bin_dir + "/postgres",
                                             str(self.members_dir)])
+        owner = (self.run_as.uid, self.run_as.gid) if self.run_as else None
+        if ensure_self_signed(self.tls_dir / "proxy.crt", self.tls_dir / "proxy.key",
+                              [self.host.address, "localhost", self.host.name], owner):
+            log.info("wrote a self-signed TLS certificate for the proxy in %s", self.tls_dir)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -110,6 +119,7 @@ class Agent:
             except StoreUnavailable as e:
                 log.warning("%s; retrying", e)   # Patroni keeps running meanwhile
                 await self._wait_stop(2.0)
+        await asyncio.get_running_loop().run_in_executor(None, self.stop_proxies)
         await asyncio.get_running_loop().run_in_executor(None, self.stop_all_members)
         log.info("agent %s stopped", self.host.name)
 
@@ -161,6 +171,7 @@ class Agent:
     # -- one pass ------------------------------------------------------------------------
 
     async def reconcile(self, store: Store) -> None:
+        self.ensure_proxies()
         mine = [m for m in await store.list(keys.members(), MemberSpec)
                 if m.host == self.host.name]
         for member in mine:
@@ -281,6 +292,41 @@ class Agent:
                                      reason=reason, replayed_at=replayed_at,
                                      restarts=restarts, storage_bytes=storage_bytes))
         self._reported[member.name] = key
+
+    # -- proxies ---------------------------------------------------------------------------
+
+    def proxy_pidfile(self, worker: int) -> Path:
+        return self.host_dir / f"proxy-{worker}.pid"
+
+    def ensure_proxies(self) -> None:
+        """Keep `proxy_workers` proxy processes running; one that exits is restarted at
+        once, then with back-off if it keeps exiting."""
+        for worker in range(1, self.proxy_workers + 1):
+            pidfile = self.proxy_pidfile(worker)
+            pid = process.running_pid(pidfile)
+            if pid is not None:
+                if time.time() - psutil.Process(pid).create_time() > HEALTHY_AFTER:
+                    self._proxy_exits.pop(worker, None)
+                continue
+            if pidfile.exists():
+                pidfile.unlink()
+                exits = self._proxy_exits.get(worker, 0) + 1
+                self._proxy_exits[worker] = exits
+                self._proxy_next_start[worker] = time.monotonic() + (0 if exits == 1 else min(60, 2 ** exits))
+                log.warning("proxy %d exited (%s); restarting", worker,
+                            last_error(self.host_dir / f"proxy-{worker}.log"))
+            if time.monotonic() < self._proxy_next_start.get(worker, 0):
+                continue
+            argv = [self.python, "-m", "dbplane.proxy", "--etcd", self.etcd_url,
+                    "--id", f"{self.host.name}-{worker}", "--host", self.host.name,
+                    "--address", self.host.address, "--tls-dir", str(self.tls_dir)]
+            pid = process.start(argv, pidfile, self.host_dir / f"proxy-{worker}.log",
+                                env=self.child_env(), cwd=str(self.host_dir), run_as=self.run_as)
+            log.info("started proxy %d (pid %d)", worker, pid)
+
+    def stop_proxies(self) -> None:
+        for worker in range(1, self.proxy_workers + 1):
+            process.stop(self.proxy_pidfile(worker), timeout=10)
 
     # -- stopping ------------------------------------------------------------------------
 

@@ -25,9 +25,12 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 db_app = typer.Typer(no_args_is_help=True, help="Create, inspect, change and delete databases.")
 ops_app = typer.Typer(no_args_is_help=True, help="Long-running operations.")
 replica_app = typer.Typer(no_args_is_help=True, help="Add, remove and promote read replicas.")
+proxy_app = typer.Typer(no_args_is_help=True, help="The connection proxy of a database: endpoints, "
+                        "pooling settings, statistics.")
 app.add_typer(db_app, name="db")
 app.add_typer(replica_app, name="replica")
 app.add_typer(ops_app, name="ops")
+app.add_typer(proxy_app, name="proxy")
 
 
 class Output(StrEnum):
@@ -306,6 +309,82 @@ def replica_promote(name: str, member: str,
                            {"new_name": new_name}), wait, output)
 
 
+# -- connection proxy ---------------------------------------------------------------------
+
+class PoolMode(StrEnum):
+    transaction = "transaction"
+    session = "session"
+
+
+@proxy_app.command("describe")
+def proxy_describe(name: str, output: Output = OutputOpt):
+    """Show a database's proxy: endpoints, settings, connection limits and running proxies."""
+    d = client().get(f"/v1/databases/{name}/proxy")
+    if output == Output.json:
+        render.as_json(d)
+    else:
+        render.describe_proxy(d)
+
+
+@proxy_app.command("stats")
+def proxy_stats(name: str,
+                per_proxy: bool = typer.Option(False, "--per-proxy", help="one row per proxy and pool"),
+                output: Output = OutputOpt):
+    """Pools of a database over every proxy, like PgBouncer's SHOW POOLS (tps/qps: last 10 s)."""
+    d = client().get(f"/v1/databases/{name}/proxy/stats")
+    if output == Output.json:
+        render.as_json(d)
+    else:
+        render.proxy_stats(d, per_proxy)
+
+
+@proxy_app.command("modify")
+def proxy_modify(name: str,
+                 pool_mode: PoolMode | None = typer.Option(None, "--pool-mode",
+                                                           help="transaction or session pooling"),
+                 pool_size: int | None = typer.Option(None, help="server connections per database, "
+                                                      "user and node, per proxy"),
+                 reserve_connections: int | None = typer.Option(
+                     None, help="connections of max_connections proxies leave free"),
+                 max_client_connections: int | None = typer.Option(None, help="clients per proxy"),
+                 queue_timeout: float | None = typer.Option(
+                     None, help="seconds a client waits for a server connection"),
+                 idle_server_timeout: float | None = typer.Option(
+                     None, help="seconds before an idle server connection closes"),
+                 idle_client_timeout: float | None = typer.Option(
+                     None, help="seconds before an idle client is closed (0: never)"),
+                 failover_hold: float | None = typer.Option(
+                     None, help="seconds new transactions wait for a new primary"),
+                 reader_max_lag_mb: int | None = typer.Option(
+                     None, min=0, help="replicas lagging more MiB get no reads"),
+                 read_your_writes_user: list[str] = typer.Option(
+                     [], "--read-your-writes-user",
+                     help="user whose reads follow its writes (repeatable; replaces the list)"),
+                 no_read_your_writes_users: bool = typer.Option(
+                     False, "--no-read-your-writes-users", help="empty the list"),
+                 output: Output = OutputOpt):
+    """Change proxy settings; every proxy applies them at once, without a restart."""
+    if read_your_writes_user and no_read_your_writes_users:
+        raise DbplaneError("--read-your-writes-user and --no-read-your-writes-users exclude each other",
+                           "pass one of them", code="invalid_input")
+    body = {"pool_mode": pool_mode.value if pool_mode else None, "pool_size": pool_size,
+            "reserve_connections": reserve_connections,
+            "max_client_connections": max_client_connections, "queue_timeout": queue_timeout,
+            "idle_server_timeout": idle_server_timeout, "idle_client_timeout": idle_client_timeout,
+            "failover_hold": failover_hold,
+            "reader_max_lag_bytes": None if reader_max_lag_mb is None else reader_max_lag_mb * 2**20,
+            "read_your_writes_users": [] if no_read_your_writes_users else read_your_writes_user or None}
+    body = {k: v for k, v in body.items() if v is not None}
+    if not body:
+        raise DbplaneError("nothing to modify", "pass at least one option (see 'dbplane proxy modify "
+                           "--help')", code="nothing_to_modify")
+    d = client().patch(f"/v1/databases/{name}/proxy", body)
+    if output == Output.json:
+        render.as_json(d)
+    else:
+        render.proxy_settings(d["settings"])
+
+
 # -- operations and events ----------------------------------------------------------------
 
 @ops_app.command("list")
@@ -378,14 +457,17 @@ def api(etcd: str = typer.Option(..., help="etcd URL"),
 def agent(etcd: str = typer.Option(..., help="etcd URL"),
           zone: str = typer.Option(..., help="zone label of this host, e.g. a"),
           name: str | None = typer.Option(None, help="host name (default: host-<zone>)"),
-          address: str = typer.Option("127.0.0.1", help="address databases listen on")):
-    """Run a host agent in the foreground: it supervises Patroni + PostgreSQL here."""
+          address: str = typer.Option("127.0.0.1", help="address databases and proxies listen on"),
+          proxy_workers: int = typer.Option(1, min=0, max=64,
+                                            help="proxy processes on this host (they share the ports)")):
+    """Run a host agent in the foreground: it supervises Patroni + PostgreSQL and the
+    connection proxy here."""
     from ..agent.agent import Agent
     from ..system import ensure_service_account
     _logging(f"agent-{zone}")
     host = name or f"host-{zone}"
     asyncio.run(Agent(etcd, host, zone, address, Layout(root()).host_dir(host),
-                      ensure_service_account()).run())
+                      ensure_service_account(), proxy_workers=proxy_workers).run())
 
 
 def main() -> None:

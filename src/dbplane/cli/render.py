@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Not a terminal (pipes, CI): wide enough that tables do not wrap, like the aws CLI.
@@ -63,3 +64,59 @@ def describe_database(d: dict) -> None:
     table(d["members"], [("name", "MEMBER"), ("role", "ROLE"), ("zone", "ZONE"), ("host", "HOST"),
                          ("port", "PORT"), ("state", "STATE"), ("lag_bytes", "LAG BYTES"),
                          ("lag_seconds", "LAG S"), ("timeline", "TL"), ("message", "")])
+
+
+# -- connection proxy -----------------------------------------------------------------------
+
+def proxy_settings(settings: dict) -> None:
+    rows = [{"name": k, "value": (escape(", ".join(v)) or "-") if isinstance(v, list) else v}
+            for k, v in settings.items()]
+    table(rows, [("name", "SETTING"), ("value", "VALUE")])
+
+
+def describe_proxy(d: dict) -> None:
+    console.print(f"[bold]{d['database']}[/bold]  proxy")
+    console.print(f"  writer     {d['endpoints']['writer'] or '-'}")
+    console.print(f"  reader     {d['endpoints']['reader'] or '-'}")
+    lim = d.get("limits")
+    console.print("  limits     " + (f"{lim['per_proxy']} server connections per node and proxy "
+                                     f"({lim['proxies']} proxies, max_connections {lim['max_connections']})"
+                                     if lim else "not computed yet"))
+    proxy_settings(d["settings"])
+    rows = [{**p, "started": when(p["started_at"])} for p in d["proxies"]]
+    if rows:
+        table(rows, [("id", "PROXY"), ("host", "HOST"), ("address", "ADDRESS"),
+                     ("admin_port", "ADMIN PORT"), ("pid", "PID"), ("started", "STARTED")])
+    else:
+        console.print("  no proxy is running")
+
+
+def pool_row(p: dict) -> dict:
+    return {**p, "max_wait_ms": round((p.get("wait_max_s") or 0) * 1000, 3)}
+
+
+POOL_COLUMNS = [("dbname", "DATABASE"), ("user", "USER"), ("pool_mode", "MODE"),
+                ("cl_active", "CL_ACTIVE"), ("cl_waiting", "CL_WAITING"), ("sv_active", "SV_ACTIVE"),
+                ("sv_idle", "SV_IDLE"), ("tps", "TPS"), ("qps", "QPS"), ("avg_wait_ms", "AVG WAIT MS"),
+                ("max_wait_ms", "MAX WAIT MS"), ("pinned", "PINNED"), ("errors", "ERRORS"),
+                ("queue_timeouts", "QUEUE TIMEOUTS")]
+
+
+def proxy_stats(d: dict, per_proxy: bool = False) -> None:
+    """Like PgBouncer's SHOW POOLS, over every proxy (or one row per proxy and pool)."""
+    if per_proxy:
+        rows = [{"proxy": p["id"], "host": p["host"], **pool_row(pool)}
+                for p in d["proxies"] if p["ok"] for pool in p["pools"]]
+        columns = [("proxy", "PROXY"), ("host", "HOST"), *POOL_COLUMNS]
+    else:
+        rows, columns = [pool_row(p) for p in d["pools"]], POOL_COLUMNS
+    if rows:
+        table(rows, columns)
+    elif not d["proxies"]:
+        console.print("no proxy is running")
+    else:
+        console.print("no pools yet: no client has connected through the proxy")
+    for p in d["proxies"]:
+        if not p["ok"]:
+            console.print(f"proxy {p['id']} on {p['host']} did not answer: {p['error']}",
+                          style="yellow", highlight=False, markup=False)

@@ -21,7 +21,7 @@ import psycopg
 from ..models import DatabaseSecrets, DatabaseSpec, DatabaseStatus
 from ..parameters import REPLICA_AT_LEAST, at_least, catalog, postgres_parameters, same_value
 from ..store import keys
-from . import operations, patroni_rest
+from . import operations, patroni_rest, proxy
 from .topology import MemberView, member_views
 
 log = logging.getLogger("dbplane.controller")
@@ -193,6 +193,8 @@ async def _restart_primary(p, spec, status, v: MemberView, needs: list[str],
                     and s.kind == "primary_candidate"), None)
     tag = f"switchover@{spec.generation}"
     if standby is not None and tag not in status.restarted:
+        if not await proxy.drained(p.store, p.snap.raw, spec.name, tag, v.name):
+            return f"draining proxies before switching over from {v.name} to {standby.name}"
         what = f"switching over from {v.name} to {standby.name} so that {v.name} can restart " \
                f"as a standby to apply {', '.join(needs) or 'pending settings'}"
         url = patroni_rest.api_url(v.address, v.api_port)

@@ -13,7 +13,7 @@ from ..models import DatabaseSecrets, DatabaseSpec, DatabaseStatus, MemberSpec, 
 from ..security.scram import new_password
 from ..store import Store, keys
 from ..system import port_free
-from . import changes, operations, promote, replicas, resume, storage
+from . import changes, operations, promote, proxy, replicas, resume, storage
 from .actions import Actions
 from .admin import ensure_admin_user, write_pgpass
 from .placement import allocate_ports, choose_host
@@ -41,8 +41,10 @@ def _is_local(address: str) -> bool:
 
 
 def free_ports(p: Pass, address: str, avoid=frozenset()) -> list[int]:
-    """Two ports on address that no member holds and, on this machine, nothing listens on."""
-    taken = {int(k.rsplit("/", 1)[1]) for k in p.snap.raw if k.startswith(keys.ports(address))}
+    """Two ports on address that no member or proxy endpoint holds and, on this machine,
+    nothing listens on."""
+    taken = {int(k.rsplit("/", 1)[1]) for k in p.snap.raw
+             if k.startswith(keys.ports(address)) or k.startswith(keys.ports(proxy.PROXY_ADDRESS))}
     local = _is_local(address)
     return allocate_ports(taken | set(avoid), p.config.member_port_start, p.config.member_port_end,
                           2, lambda port: not local or port_free(address, port))
@@ -57,6 +59,9 @@ async def ensure_database(p: Pass, spec: DatabaseSpec) -> None:
     check_creation(p, spec, status)
     await promote.ensure_secrets(p, spec)
     await ensure_secrets(p, spec)
+    await proxy.ensure_proxy_ports(p, spec)
+    await proxy.ensure_proxy_limits(p, spec)
+    await proxy.ensure_drain_cleared(p, spec, p.snap.patroni(spec.name).leader)
     await promote.ensure_handover(p, spec)
     await ensure_placement(p, spec, status)
     await replicas.ensure_scale_down(p, spec, desired_counts(spec))
@@ -289,6 +294,7 @@ async def ensure_deleted(p: Pass, spec: DatabaseSpec) -> None:
     for m in members:
         await p.store.delete(keys.port(m.address, m.pg_port))
         await p.store.delete(keys.port(m.address, m.api_port))
+    await proxy.delete_proxy_keys(p, spec)
     for prefix in (keys.members(spec.name), keys.member_statuses(spec.name),
                    keys.patroni_scope(spec.name)):
         await p.store.delete_prefix(prefix)

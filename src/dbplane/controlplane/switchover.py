@@ -13,7 +13,7 @@ import time
 from ..errors import Conflict, DbplaneError, NotFound
 from ..models import DatabaseSpec, Operation
 from ..store import Store
-from . import operations, patroni_rest
+from . import operations, patroni_rest, proxy
 from .actions import Actions
 from .topology import MemberView, Snapshot, member_views
 
@@ -124,6 +124,11 @@ async def progress(store: Store, snap: Snapshot, op: Operation, actions: Actions
         primary, target = choose_target(spec, views, dst, op.kind)
     except DbplaneError as e:
         await operations.update(store, op, state="failed", error=e, message=e.message)
+        return
+    if op.kind == "switchover" and not await proxy.drained(store, snap.raw, op.database, op.id, src):
+        await operations.update(store, op, state="running", progress=20,
+                                message=f"draining: proxies hold new transactions and wait for the "
+                                f"running ones on {src} to finish")
         return
     await start(actions, op, primary, target)
     await operations.update(store, op, state="running", progress=30,

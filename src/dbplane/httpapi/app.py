@@ -18,6 +18,7 @@ from ..models import NAME_RE, DatabaseSpec, Event, Host, Operation
 from ..store import Store, keys
 from ..system import postgres_major_version
 from .ha_routes import router as ha_router
+from .proxy_routes import router as proxy_router
 from .views import database_snapshot, describe, summary
 
 log = logging.getLogger("dbplane.api")
@@ -170,4 +171,5 @@ def create_app(etcd_url: str) -> FastAPI:
         return [e.model_dump() for e in events[-limit:]]
 
     app.include_router(ha_router)     # switchover, failover, replicas, modify
+    app.include_router(proxy_router)  # proxy settings and statistics
     return app

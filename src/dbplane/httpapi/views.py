@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 from ..classes import get_class
+from ..controlplane.proxy import endpoints as proxy_endpoints
 from ..controlplane.storage import used_bytes
 from ..controlplane.topology import Snapshot, endpoints, member_views
-from ..models import DatabaseSpec
+from ..models import DatabaseSpec, PlatformConfig
 from ..store import Store, keys
 
 
 async def database_snapshot(store: Store, name: str) -> Snapshot:
     raw: dict[str, bytes] = {}
     for prefix in (f"{keys.databases()}{name}/", keys.members(name), keys.member_statuses(name),
-                   keys.patroni_scope(name), keys.hosts()):
+                   keys.patroni_scope(name), keys.hosts(), keys.proxy_ports(name), keys.config()):
         raw.update(await store.get_prefix(prefix))
     return Snapshot(raw)
+
+
+def proxy_host(snap: Snapshot) -> str:
+    raw = snap.raw.get(keys.config())
+    return (PlatformConfig.model_validate_json(raw) if raw else PlatformConfig()).proxy_host
 
 
 def describe(spec: DatabaseSpec, snap: Snapshot) -> dict:
@@ -35,7 +41,10 @@ def describe(spec: DatabaseSpec, snap: Snapshot) -> dict:
         "storage_used_bytes": used_bytes(views),
         "params": spec.params,
         "admin_user": spec.admin_user,
-        "endpoints": endpoints(views),
+        # what applications use: the proxy's ports, which never change
+        "endpoints": proxy_endpoints(snap.raw, spec.name, proxy_host(snap)),
+        # the nodes themselves, for troubleshooting (they move with every failover)
+        "node_endpoints": endpoints(views),
         "members": [v.to_dict() for v in views],
         "pending_changes": pending_changes(spec, status),
         "promoted_from": spec.promoted_from.model_dump() if spec.promoted_from else None,

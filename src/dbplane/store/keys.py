@@ -13,6 +13,11 @@ clusters live under PATRONI_NAMESPACE, one scope per database.
   /dbplane/v1/config                      PlatformConfig `dbplane up`
   /dbplane/v1/paused-by-down/<db>         marker        `dbplane down` (Patroni paused)
   /dbplane/v1/controller/leader            host name     controller, under a lease
+  /dbplane/v1/proxy/ports/<db>             ProxyPorts    controller (stable endpoints)
+  /dbplane/v1/proxy/limits/<db>            ProxyLimits   controller (connection budget)
+  /dbplane/v1/proxy/instances/<id>         ProxyInstance proxy, under a lease
+  /dbplane/v1/proxy/drain/<db>             ProxyDrain    controller, during a switchover
+  /dbplane/v1/proxy/drained/<db>/<id>      operation id  proxy: no writer transaction runs
   /dbplane-patroni/<db>/...                Patroni's own keys (leader, sync, members, ...)
 """
 
@@ -98,3 +103,31 @@ def controller_leader() -> str:
 
 def patroni_scope(db: str) -> str:
     return f"{PATRONI_NAMESPACE}/{db}/"
+
+
+def proxy_root() -> str:
+    return ROOT + "proxy/"
+
+
+def proxy_ports(db: str = "") -> str:
+    return f"{ROOT}proxy/ports/{db}"
+
+
+def proxy_limits(db: str = "") -> str:
+    return f"{ROOT}proxy/limits/{db}"
+
+
+def proxy_instances() -> str:
+    return ROOT + "proxy/instances/"
+
+
+def proxy_instance(proxy_id: str) -> str:
+    return f"{ROOT}proxy/instances/{proxy_id}"
+
+
+def proxy_drain(db: str = "") -> str:
+    return f"{ROOT}proxy/drain/{db}"
+
+
+def proxy_drained(db: str, proxy_id: str = "") -> str:
+    return f"{ROOT}proxy/drained/{db}/{proxy_id}"

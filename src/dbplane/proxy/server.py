@@ -1,0 +1,274 @@
+"""One connection from the proxy to a PostgreSQL node (a "server connection").
+
+It logs in as the client's user with the SCRAM ClientKey recovered from that client's own
+login, then carries the traffic of whichever client is attached to it. It watches the
+replies just enough to know when the server is idle again (ReadyForQuery), which
+parameters it runs with (ParameterStatus), and to hide the replies to messages the proxy
+injected itself (a Parse of a prepared statement this connection did not have yet, a
+reset or a SET before handing it to another client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import TYPE_CHECKING
+
+from ..security.scram import ClientExchange, ScramAuthFailed, ScramError
+from . import wire
+
+if TYPE_CHECKING:
+    from .client import ClientConn
+    from .pool import Pool
+
+MAX_PREPARED = 1000      # statements kept per server connection; the oldest is closed
+
+
+class ServerError(Exception):
+    """The server refused the login: its ErrorResponse, to pass on to the client."""
+
+    def __init__(self, fields: dict[str, str]):
+        super().__init__(fields.get("M", "server error"))
+        self.fields = fields
+
+
+class ServerConn(asyncio.Protocol):
+    def __init__(self, pool: Pool, member: str, address: str, port: int):
+        self.pool = pool
+        self.member = member
+        self.address = address
+        self.port = port
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientConn | None = None
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_key = b""
+        self.ready = False
+        self.closed = False
+        self.outstanding = 0           # ReadyForQuery replies still due (Query, Sync, FunctionCall)
+        self.status = b"I"             # transaction status of the last ReadyForQuery
+        self.last_used = time.monotonic()
+        # statement name on this server -> None, oldest first (shared by all clients)
+        self.prepared: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self.batch_prepared: list[bytes] = []   # names sent since the last ReadyForQuery
+        self.uncertain: set[bytes] = set()      # may exist after an error: Close before Parse
+        self.swallow_parse = 0         # ParseComplete replies to injected Parse messages
+        self.swallow_close = 0         # CloseComplete replies to injected Close messages
+        self.internal: collections.deque = collections.deque()  # callbacks of injected queries
+        self._internal_ok = True
+        self._buf = bytearray()
+        self._handshake: asyncio.Queue | None = asyncio.Queue()
+
+    # -- connecting --------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    async def login(self, user: str, dbname: str, client_key: bytes, server_key: bytes,
+                    extra: dict[str, str]) -> None:
+        """Startup and SCRAM authentication; raises ServerError or OSError."""
+        assert self.transport is not None
+        self.transport.write(wire.startup_message({"user": user, "database": dbname, **extra}))
+        scram: ClientExchange | None = None
+        while True:
+            kind, body = await self._handshake.get()
+            if kind == b"R":
+                code = wire.INT32.unpack_from(body)[0]
+                if code == wire.AUTH_OK:
+                    continue
+                if code == wire.AUTH_SASL:
+                    scram = ClientExchange(client_key=client_key, server_key=server_key)
+                    self.transport.write(wire.sasl_initial_response("SCRAM-SHA-256", scram.first()))
+                elif code == wire.AUTH_SASL_CONTINUE and scram is not None:
+                    try:
+                        self.transport.write(wire.sasl_response(scram.final(body[4:])))
+                    except ScramError as e:
+                        raise ServerError({"C": "08P01", "M": f"SCRAM exchange with the server: {e}"}
+                                          ) from e
+                elif code == wire.AUTH_SASL_FINAL and scram is not None:
+                    try:
+                        scram.verify(body[4:])
+                    except (ScramAuthFailed, ScramError) as e:
+                        raise ServerError({"C": "28000", "M": "the server's SCRAM signature is "
+                                           "wrong: it does not know this user's password"}) from e
+                else:
+                    raise ServerError({"C": "28000", "M": f"the server asked for an authentication "
+                                       f"method the proxy does not use (code {code}); "
+                                       "dbplane's pg_hba uses scram-sha-256"})
+            elif kind == b"S":
+                name, pos = wire.read_cstr(body, 0)
+                value, _ = wire.read_cstr(body, pos)
+                self.params[name.decode()] = value.decode(errors="replace")
+            elif kind == b"K":
+                self.backend_pid = wire.INT32.unpack_from(body)[0]
+                self.backend_key = bytes(body[4:])
+            elif kind == b"E":
+                raise ServerError(wire.parse_error_fields(body))
+            elif kind == b"Z":
+                self.status = body[:1]
+                self.ready = True
+                self._handshake = None
+                return
+            elif kind == b"":
+                raise ConnectionResetError(f"{self.address}:{self.port} closed the connection")
+            # NoticeResponse and anything else during startup: ignore
+
+    def _handshake_received(self, data: bytes) -> None:
+        self._buf += data
+        buf = self._buf
+        while len(buf) >= 5:
+            kind, length = wire.HEADER.unpack_from(buf)
+            if len(buf) < length + 1:
+                break
+            self._handshake.put_nowait((kind, bytes(buf[5:length + 1])))
+            del buf[:length + 1]
+
+    # -- traffic -------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._handshake is not None:
+            self._handshake_received(data)
+            return
+        if self._buf:
+            self._buf += data
+            data = bytes(self._buf)
+            self._buf.clear()
+        n = len(data)
+        pos = 0
+        special = self.internal or self.swallow_parse or self.swallow_close
+        keep: list[bytes] | None = [] if special else None
+        start = 0                      # first byte not yet copied to keep
+        release = False
+        while pos + 5 <= n:
+            kind = data[pos]
+            length = int.from_bytes(data[pos + 1:pos + 5])
+            end = pos + 1 + length
+            if end > n:
+                break
+            if kind == 90:                                       # 'Z' ReadyForQuery
+                self.outstanding -= 1
+                self.status = data[pos + 5:pos + 6]
+                if self.internal:
+                    if keep is not None:
+                        start = end                              # hide the whole reply
+                    done = self.internal.popleft()
+                    ok, self._internal_ok = self._internal_ok, True
+                    if done is not None:
+                        done(ok)
+                    pos = end
+                    continue
+                # injected Parse/Close replies an error skipped never come
+                self.swallow_parse = self.swallow_close = 0
+                self.batch_prepared.clear()
+                release = self.outstanding <= 0
+                self.pool.count_ready(self)
+            elif kind == 83:                                     # 'S' ParameterStatus
+                name, p = wire.read_cstr(data, pos + 5)
+                value, _ = wire.read_cstr(data, p)
+                self.params[name.decode()] = value.decode(errors="replace")
+            elif kind == 69:                                     # 'E' ErrorResponse
+                self.pool.stats.server_errors += 1
+                if self.internal:
+                    self._internal_ok = False
+                    start = pos = end                            # hidden with its query
+                    continue
+                # an error skips the rest of an extended batch: statements parsed in it may not exist
+                self.uncertain.update(self.batch_prepared)
+                for name in self.batch_prepared:
+                    self.prepared.pop(name, None)
+                self.batch_prepared.clear()
+            elif keep is not None and not self.internal:
+                if kind == 49 and self.swallow_parse:              # '1' ParseComplete we injected
+                    self.swallow_parse -= 1
+                    keep.append(data[start:pos])
+                    start = end
+                elif kind == 51 and self.swallow_close:            # '3' CloseComplete we injected
+                    self.swallow_close -= 1
+                    keep.append(data[start:pos])
+                    start = end
+            if keep is not None and self.internal and start < end:
+                start = end                                      # inside an injected query's reply
+            pos = end
+        if pos < n:
+            self._buf += data[pos:]
+        client = self.client
+        if client is not None:
+            if keep is None:
+                out = data if pos == n else data[:pos]
+            else:
+                keep.append(data[start:pos])
+                out = b"".join(keep)
+            if out:
+                client.transport.write(out)
+            if release and self.status == b"I":
+                client.server_idle(self)
+
+    def pause_writing(self) -> None:          # the server is slow to read: stop reading the client
+        if self.client is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.transport.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if self._handshake is not None:
+            self._handshake.put_nowait((b"", b""))
+        self.pool.server_lost(self)
+        if self.client is not None:
+            self.client.server_lost(self)
+
+    # -- what the proxy sends itself ---------------------------------------------------
+
+    def send(self, data: bytes, responses: int) -> None:
+        """Client traffic: `responses` is how many ReadyForQuery replies it asks for."""
+        self.outstanding += responses
+        self.transport.write(data)
+
+    def run_internal(self, sql: str, done=None) -> None:
+        """Run a query whose whole reply is hidden from the client; done(ok) follows."""
+        self.internal.append(done)
+        self.outstanding += 1
+        self.transport.write(wire.query(sql))
+
+    def statement(self, name: bytes, parse_body_tail: bytes) -> list[bytes]:
+        """Messages that make sure statement `name` exists here before a Bind/Describe
+        uses it; their replies are hidden."""
+        if name in self.prepared:
+            self.prepared.move_to_end(name)
+            return []
+        out = []
+        if name in self.uncertain:
+            self.uncertain.discard(name)
+            out.append(wire.close_statement(name))
+            self.swallow_close += 1
+        out.append(wire.message(b"P", name + b"\0" + parse_body_tail))
+        self.swallow_parse += 1
+        out += self.remember(name)
+        return out
+
+    def remember(self, name: bytes) -> list[bytes]:
+        self.prepared[name] = None
+        self.batch_prepared.append(name)
+        if len(self.prepared) <= MAX_PREPARED:
+            return []
+        oldest, _ = self.prepared.popitem(last=False)
+        self.swallow_close += 1
+        return [wire.close_statement(oldest)]
+
+    def forget_statements(self) -> None:
+        self.prepared.clear()
+        self.uncertain.clear()
+
+    @property
+    def busy(self) -> bool:
+        """Inside a transaction or waiting for a reply."""
+        return self.outstanding > 0 or self.status != b"I"
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            if self.ready and not self.busy:
+                self.transport.write(wire.TERMINATE)
+            self.transport.close()
