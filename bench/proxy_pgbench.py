@@ -20,8 +20,10 @@ Setup (once):
 Targets (--targets, default direct,dbplane,pgbouncer):
 
   direct     the primary member's PostgreSQL port (from GET /v1/databases/pgb, members).
-  dbplane    the database's writer endpoint (endpoints.writer). Until the proxy exists it
-             is the primary itself; then it is dbplane's pooling proxy.
+  dbplane    the database's writer endpoint (endpoints.writer): dbplane's pooling proxy, one
+             process per agent (three) sharing the port; its pool_size is set to
+             --pool-size divided by the number of proxies (rounded up), so that both
+             poolers hold about the same number of server connections.
   pgbouncer  the PgBouncer above.
 
 Each repetition (--reps), for each workload and protocol (-M simple, extended, prepared),
@@ -563,6 +565,11 @@ def main() -> int:
         endpoints: dict[str, tuple[str, int]] = {"direct": (phost, pport)}
         cpus: dict[str, PoolerCpu | None] = {"direct": None}
         if "dbplane" in targets:
+            # the same server connections in total as PgBouncer's pool: split between proxies
+            proxies = len(p.api.get(f"/v1/databases/{DB}/proxy").json()["proxies"])
+            per_proxy = -(-args.pool_size // max(1, proxies))
+            p.api.patch(f"/v1/databases/{DB}/proxy", json={"pool_size": per_proxy}).raise_for_status()
+            setup_proxy = f"{proxies} proxy processes x pool_size {per_proxy}"
             whost, wport = d["endpoints"]["writer"].rsplit(":", 1)
             endpoints["dbplane"] = (whost, int(wport))
             cpus["dbplane"] = PoolerCpu(dbplane_proxy_finder(root, int(wport)))
@@ -577,6 +584,7 @@ def main() -> int:
                  **{f"target {t}": f"{h}:{port}" for t, (h, port) in endpoints.items()
                     if t in targets},
                  "pool_size": args.pool_size,
+                 **({"dbplane proxy": setup_proxy} if "dbplane" in targets else {}),
                  "duration_s": args.duration, "reps": args.reps}
         if endpoints.get("dbplane") == (phost, pport):
             setup["note"] = "the writer endpoint is the primary itself (no dbplane proxy yet)"

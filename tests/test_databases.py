@@ -167,8 +167,11 @@ def test_down_and_up_keep_data(platform):
         squatter.listen()
         platform.up()
         platform.wait_available("keep", timeout=120)
-    moved = next(m for m in platform.describe("keep")["members"] if m["name"] == standby["name"])
-    assert moved["port"] != standby["port"] and moved["state"] == "streaming"
+    # Patroni starts it paused with PostgreSQL stopped; it streams once the pause ends
+    moved = wait_for(lambda: (m := next(m for m in platform.describe("keep")["members"]
+                                        if m["name"] == standby["name"]))["state"] == "streaming" and m,
+                     60, "the moved standby to stream")
+    assert moved["port"] != standby["port"]
     with platform.connect("keep") as conn:
         assert conn.execute("SELECT count(*) FROM kept").fetchone()[0] == 1000
     # Patroni was paused for the stop and the old primary leads again: no failover

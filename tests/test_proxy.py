@@ -401,14 +401,17 @@ def test_failover_costs_idle_clients_a_pause_not_errors(px):
 
     t = threading.Thread(target=loop, daemon=True)
     t.start()
-    wait_for(lambda: len(acked) >= 200, 60, "200 commits before the kill")
-    px.kill_node(primary["zone"])
-    new = wait_for(lambda: (p := px.member(DB, "primary"))["name"] != primary["name"] and p, 90,
-                   "a new primary")
-    at_switch = len(acked)
-    wait_for(lambda: len(acked) >= at_switch + 200, 60, "200 commits after the failover")
-    stop.set()
-    t.join(30)
+    try:
+        wait_for(lambda: len(acked) >= 200, 60, "200 commits before the kill")
+        px.kill_node(primary["zone"])
+        new = wait_for(lambda: (p := px.member(DB, "primary"))["name"] != primary["name"] and p, 90,
+                       "a new primary")
+        at_switch = len(acked)
+        wait_for(lambda: len(acked) >= at_switch + 200, 60, "200 commits after the failover")
+    finally:
+        stop.set()
+        t.join(30)
+        px.up()                                # the killed node comes back
     assert len(failures) <= 2, f"client-visible errors: {failures[:5]}"
     for _, sqlstate, text in failures:
         assert sqlstate == "08006" and ("failover" in text or "lost" in text)
@@ -416,7 +419,6 @@ def test_failover_costs_idle_clients_a_pause_not_errors(px):
         present = {r[0] for r in c.execute("SELECT id FROM items WHERE note = 'loop'")}
     assert set(acked) <= present, "an acknowledged commit was lost"
     assert new["name"] != primary["name"]
-    px.up()                                    # the killed node comes back
     wait_for(lambda: px.describe(DB)["status"] == "available" and
              all(m["state"] in ("streaming", "running") for m in px.describe(DB)["members"]),
              180, "the old primary to rejoin")

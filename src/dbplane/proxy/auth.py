@@ -67,19 +67,26 @@ class Authenticator:
         raise ConnectionError(f"cannot look up user {user}: {last}")
 
     async def _connect(self) -> psycopg.AsyncConnection:
+        """A node to ask, waiting up to the failover hold for one (a database that was
+        just created or promoted, or a failover under way)."""
         cluster = self.cluster
-        order = ([cluster.primary] if cluster.primary else []) + list(cluster.replicas)
-        errors = []
-        for member in order:
-            if member not in cluster.members:
-                continue
-            address, port = cluster.members[member]
-            try:
-                return await pgconn.connect(address, port, self.password, "auth")
-            except psycopg.Error as e:
-                errors.append(f"{member}: {e}")
-        raise ConnectionError("no node of database " + cluster.name + " answers"
-                              + (": " + "; ".join(errors) if errors else ""))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cluster.settings.failover_hold
+        while True:
+            order = ([cluster.primary] if cluster.primary else []) + list(cluster.replicas)
+            errors = []
+            for member in order:
+                if member not in cluster.members:
+                    continue
+                address, port = cluster.members[member]
+                try:
+                    return await pgconn.connect(address, port, self.password, "auth")
+                except psycopg.Error as e:
+                    errors.append(f"{member}: {e}")
+            if loop.time() >= deadline:
+                raise ConnectionError("no node of database " + cluster.name + " answers"
+                                      + (": " + "; ".join(errors) if errors else ""))
+            await cluster.wait_change(min(0.5, deadline - loop.time()))
 
     def close(self) -> None:
         if self._conn is not None:

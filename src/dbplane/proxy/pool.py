@@ -67,6 +67,7 @@ class Pool:
         self.user = user
         self.idle: dict[str, list[ServerConn]] = collections.defaultdict(list)
         self.servers: set[ServerConn] = set()
+        self.open_count: collections.Counter = collections.Counter()   # member -> len(servers there)
         self.opening: collections.Counter = collections.Counter()
         self.clients: set[ClientConn] = set()
         self.stats = PoolStats()
@@ -77,7 +78,7 @@ class Pool:
     # -- counting ----------------------------------------------------------------------
 
     def count(self, member: str) -> int:
-        return sum(1 for s in self.servers if s.member == member) + self.opening[member]
+        return self.open_count[member] + self.opening[member]
 
     def count_ready(self, server: ServerConn) -> None:
         if server.status == b"I":
@@ -173,6 +174,7 @@ class Pool:
                 server.transport.close()
                 raise
             self.servers.add(server)
+            self.open_count[member] += 1
             if not self.server_params:
                 self.server_params = dict(server.params)
             return server
@@ -195,7 +197,8 @@ class Pool:
                 cluster.waiters.remove(waiter)
                 waiter.future.set_result(server)
                 return
-        if server.member not in cluster.usable_members() or self.over_limit(server.member):
+        if (server.member != cluster.primary and server.member not in cluster.usable_members()) \
+                or self.over_limit(server.member):
             self.discard(server)       # the old primary after a switchover; a lowered limit
             return
         if any(not w.future.done() for w in cluster.waiters):
@@ -204,8 +207,15 @@ class Pool:
             return
         self.idle[server.member].append(server)
 
-    def discard(self, server: ServerConn) -> None:
+    def _forget(self, server: ServerConn) -> bool:
+        if server not in self.servers:
+            return False
         self.servers.discard(server)
+        self.open_count[server.member] -= 1
+        return True
+
+    def discard(self, server: ServerConn) -> None:
+        self._forget(server)
         stack = self.idle.get(server.member)
         if stack and server in stack:
             stack.remove(server)
@@ -214,8 +224,7 @@ class Pool:
         self.cluster.wake_one()
 
     def server_lost(self, server: ServerConn) -> None:
-        if server in self.servers:
-            self.servers.discard(server)
+        if self._forget(server):
             stack = self.idle.get(server.member)
             if stack and server in stack:
                 stack.remove(server)

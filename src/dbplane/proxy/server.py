@@ -168,6 +168,15 @@ class ServerConn(asyncio.Protocol):
                 value, _ = wire.read_cstr(data, p)
                 self.params[name.decode()] = value.decode(errors="replace")
             elif kind == 69:                                     # 'E' ErrorResponse
+                if data[pos + 5:end].find(b"SFATAL\0") >= 0 or data[pos + 5:end].find(b"SPANIC\0") >= 0:
+                    # the server is closing this connection (shutdown, demotion, terminated):
+                    # the client keeps its connection and hears about it in server_lost
+                    if keep is None:
+                        keep = [data[:pos]]
+                    else:
+                        keep.append(data[start:pos])
+                    start = pos = end
+                    continue
                 self.pool.stats.server_errors += 1
                 if self.internal:
                     self._internal_ok = False
