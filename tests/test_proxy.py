@@ -108,6 +108,19 @@ def test_psql_and_pgbench_through_the_proxy(px):
         assert "number of failed transactions: 0" in r.stdout
 
 
+def test_simple_query_protocol(px):
+    # ClientCursor binds parameters client-side and sends one simple Query message, which
+    # may hold several statements (the extended protocol refuses that)
+    with px.connect(DB, autocommit=True, cursor_factory=psycopg.ClientCursor) as c:
+        for i in range(20):
+            cur = c.execute("SELECT %s::int; SELECT %s::text", (i, "two"))
+            assert cur.fetchone()[0] == "two"
+        with c.transaction():
+            c.execute("INSERT INTO items VALUES (%s, %s); UPDATE items SET note = 'simple' WHERE id = %s",
+                      (-42, "x", -42))
+        assert c.execute("SELECT note FROM items WHERE id = -42").fetchone()[0] == "simple"
+
+
 def test_prepared_statements_follow_the_client_across_server_connections(px):
     errors, results = [], []
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from .. import process
+from ..agent.postgres import stop_postgres
 from ..errors import DbplaneError, InvalidInput
 from ..models import DatabaseStatus, MemberSpec, PlatformConfig
 from ..paths import Layout, PlatformInfo
@@ -227,6 +228,23 @@ def down(root: Path, say=print) -> list[str]:
                 or c in signalled:
             stopped.append(c)
             say(f"stopped {c}")
+    stopped += stop_left_behind(layout, say)
+    return stopped
+
+
+def stop_left_behind(layout: Layout, say=print) -> list[str]:
+    """Proxies and Patroni processes whose agent was not running to stop them (it was
+    killed): they would keep ports of this platform busy after it is gone."""
+    stopped = []
+    hosts = layout.root / "hosts"
+    for pidfile in sorted(hosts.glob("*/proxy-*.pid")) + sorted(hosts.glob("*/members/*/patroni.pid")):
+        if process.stop(pidfile, timeout=30):
+            name = f"{pidfile.parent.name}/{pidfile.stem}" if pidfile.stem != "patroni" else \
+                f"patroni of {pidfile.parent.name}"
+            stopped.append(name)
+            say(f"stopped {name}, left behind by its agent")
+    for pm in sorted(hosts.glob("*/members/*/data/postmaster.pid")):
+        stop_postgres(pm.parent)
     return stopped
 
 

@@ -60,6 +60,8 @@ class Proxy:
         self.host = host
         self.address = address
         self.tls = self._tls_context(tls_dir)
+        # the agent's host folder: if it disappears, the platform was removed under us
+        self.host_dir = tls_dir.parent if tls_dir is not None else None
         self.login_timeout = 15.0
         self.clusters: dict[str, Cluster] = {}
         self.listeners: dict[int, Listener] = {}
@@ -283,6 +285,12 @@ class Proxy:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if self.host_dir is not None and not self.host_dir.exists():
+            # never keep serving a deleted platform's ports (SO_REUSEPORT would let this
+            # process share them with a new platform's proxies)
+            log.error("%s is gone: the platform was removed; stopping", self.host_dir)
+            self._stopping.set()
+            return
         self._rates.append((now, {(c.name, p.dbname, p.user): (p.stats.xacts, p.stats.queries)
                                   for c in self.clusters.values() for p in c.pools.values()}))
         for cluster in self.clusters.values():
