@@ -114,7 +114,8 @@ def test_simple_query_protocol(px):
     with px.connect(DB, autocommit=True, cursor_factory=psycopg.ClientCursor) as c:
         for i in range(20):
             cur = c.execute("SELECT %s::int; SELECT %s::text", (i, "two"))
-            assert cur.fetchone()[0] == "two"
+            assert cur.fetchone()[0] == i
+            assert cur.nextset() and cur.fetchone()[0] == "two"
         with c.transaction():
             c.execute("INSERT INTO items VALUES (%s, %s); UPDATE items SET note = 'simple' WHERE id = %s",
                       (-42, "x", -42))
