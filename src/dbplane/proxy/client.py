@@ -71,6 +71,7 @@ class ClientConn(asyncio.Protocol):
         self.pending: list[bytes] = []      # messages waiting for a server connection
         self.pending_responses = 0
         self.acquiring: asyncio.Task | None = None
+        self.waiter = None                  # our place in the pool's queue, if waiting
         self.lost_transaction = False       # our server died mid-transaction: fail until Sync
         self.pid = 0
         self.key = b""
@@ -92,6 +93,9 @@ class ClientConn(asyncio.Protocol):
         self.state = CLOSED
         if self.acquiring is not None:
             self.acquiring.cancel()
+        if self.waiter is not None:
+            self.pool.leave(self.waiter)
+            self.waiter = None
         self._give_back(disconnected=True)
         if self.pool is not None:
             self.pool.clients.discard(self)
@@ -369,7 +373,7 @@ class ClientConn(asyncio.Protocol):
             return
         self.pending.append(data if simple else b"\x00" + data)   # marked: rewrite on attach
         self.pending_responses += responses
-        if self.acquiring is None and server is None:
+        if self.acquiring is None and self.waiter is None and server is None:
             self._get_server()
 
     # -- attaching a server connection ------------------------------------------------------
@@ -383,8 +387,27 @@ class ClientConn(asyncio.Protocol):
                 if server is not None:
                     self._attach(server)
                     return
+                if pool.room(members) is None:
+                    # the pool is full: queue for a connection, no task needed
+                    self.waiter = pool.enqueue(members, self._delivered, self._queue_timed_out)
+                    return
+        # open a connection, wait out a failover, or find a fresh replica
         self.transport.pause_reading()
         self.acquiring = asyncio.ensure_future(self._acquire())
+
+    def _delivered(self, server: ServerConn | None) -> None:
+        self.waiter = None
+        if self.state == CLOSED:
+            if server is not None:
+                self.pool.release(server)
+        elif server is None:
+            self._get_server()                    # room was made or the topology changed
+        else:
+            self._attach(server)
+
+    def _queue_timed_out(self, e: PoolExhausted) -> None:
+        self.waiter = None
+        self._exhausted(e)
 
     async def _acquire(self) -> None:
         try:
@@ -594,9 +617,13 @@ class ClientConn(asyncio.Protocol):
         if self.server is not None:
             self.proxy.send_cancel(self.server.address, self.server.port,
                                    self.server.backend_pid, self.server.backend_key)
-        elif self.acquiring is not None:
-            self.acquiring.cancel()
-            self.acquiring = None
+        elif self.acquiring is not None or self.waiter is not None:
+            if self.acquiring is not None:
+                self.acquiring.cancel()
+                self.acquiring = None
+            if self.waiter is not None:
+                self.pool.leave(self.waiter)
+                self.waiter = None
             self._reply_error("57014", "canceling statement due to user request")
 
 

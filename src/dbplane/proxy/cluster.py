@@ -9,6 +9,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 from ..models import ProxySettings
@@ -17,6 +18,8 @@ from .monitor import LsnMonitor
 from .pool import Pool
 
 log = logging.getLogger("dbplane.proxy")
+
+SWEEP_INTERVAL = 0.1     # seconds between looks for clients queued longer than queue_timeout
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Cluster:
         self.auth = Authenticator(self, superuser_password)
         self.monitor = LsnMonitor(self, superuser_password)
         self.unreachable: dict[str, str] = {}
+        self._sweeper = asyncio.ensure_future(self._sweep())
 
     def pool(self, dbname: str, user: str) -> Pool:
         key = (dbname, user)
@@ -83,9 +87,10 @@ class Cluster:
         """Topology or capacity changed: every waiting client looks again."""
         self._changed.set()
         self._changed = asyncio.Event()
-        for waiter in list(self.waiters):
-            if not waiter.future.done():
-                waiter.future.set_result(None)
+        waiters, self.waiters = self.waiters, collections.deque()
+        for waiter in waiters:
+            if not waiter.done:
+                waiter.hand(None)
 
     async def wait_change(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -93,10 +98,21 @@ class Cluster:
 
     def wake_one(self) -> None:
         """Room for one more server connection: the first waiter tries again."""
-        for waiter in self.waiters:
-            if not waiter.future.done():
-                waiter.future.set_result(None)
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done:
+                waiter.hand(None)
                 return
+
+    async def _sweep(self) -> None:
+        """Time out queued clients (one sweep instead of a timer per waiting client)."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            if not self.waiters:
+                continue
+            limit = time.monotonic() - self.settings.queue_timeout
+            for waiter in [w for w in self.waiters if w.on_timeout and not w.done and w.since <= limit]:
+                waiter.pool.timed_out(waiter)
 
     def member_unreachable(self, member: str, error: Exception) -> None:
         if member not in self.unreachable:
@@ -140,6 +156,7 @@ class Cluster:
 
     def close(self) -> None:
         self.stopped = True
+        self._sweeper.cancel()
         self.monitor.close()
         self.auth.close()
         for pool in self.pools.values():

@@ -52,12 +52,26 @@ class PoolStats:
     logins: int = 0
     login_failures: int = 0
 
+    def count_wait(self, waited: float) -> None:
+        self.waits += 1
+        self.wait_total += waited
+        self.wait_max = max(self.wait_max, waited)
 
-@dataclass
+
 class Waiter:
-    pool: Pool
-    members: list[str]
-    future: asyncio.Future
+    """A client in the queue. deliver(server) hands it a server connection; deliver(None)
+    tells it to look again (room was made, or the topology changed)."""
+    __slots__ = ("pool", "members", "deliver", "done", "on_timeout", "since")
+
+    def __init__(self, pool: Pool, members: list[str], deliver, on_timeout=None):
+        self.pool, self.members, self.deliver = pool, members, deliver
+        self.done = False
+        self.on_timeout = on_timeout      # called by the cluster's sweep after queue_timeout
+        self.since = time.monotonic()
+
+    def hand(self, server: ServerConn | None) -> None:
+        self.done = True
+        self.deliver(server)
 
 
 class Pool:
@@ -135,28 +149,48 @@ class Pool:
                 if remaining <= 0:
                     raise PoolExhausted(self.waiting(), min(cluster.settings.pool_size, cluster.budget),
                                         loop.time() - started)
-                waiter = Waiter(self, members, loop.create_future())
+                future = loop.create_future()
+                waiter = Waiter(self, members, lambda s, f=future: f.done() or f.set_result(s))
                 cluster.waiters.append(waiter)
                 try:
-                    server = await asyncio.wait_for(waiter.future, remaining)
+                    server = await asyncio.wait_for(future, remaining)
                 except TimeoutError:
                     self.stats.queue_timeouts += 1
                     raise PoolExhausted(self.waiting() + 1,
                                         min(cluster.settings.pool_size, cluster.budget),
                                         loop.time() - started) from None
                 finally:
-                    if waiter in cluster.waiters:
-                        cluster.waiters.remove(waiter)
+                    self.leave(waiter)
                 if server is not None:
                     return server
         finally:
-            waited = loop.time() - started
-            self.stats.waits += 1
-            self.stats.wait_total += waited
-            self.stats.wait_max = max(self.stats.wait_max, waited)
+            self.stats.count_wait(loop.time() - started)
+
+    def enqueue(self, members: list[str], deliver, on_timeout) -> Waiter:
+        """Wait for a connection without a task or a timer (the common case when the pool
+        is full); the cluster's sweep times the wait out."""
+        waiter = Waiter(self, members, deliver, on_timeout)
+        self.cluster.waiters.append(waiter)
+        return waiter
+
+    def timed_out(self, waiter: Waiter) -> None:
+        if waiter.done:
+            return
+        self.leave(waiter)
+        waited = time.monotonic() - waiter.since
+        self.stats.count_wait(waited)
+        self.stats.queue_timeouts += 1
+        waiter.on_timeout(PoolExhausted(self.waiting() + 1, min(self.cluster.settings.pool_size,
+                                                         self.cluster.budget), waited))
+
+    def leave(self, waiter: Waiter) -> None:
+        if not waiter.done:
+            waiter.done = True
+            if waiter in self.cluster.waiters:
+                self.cluster.waiters.remove(waiter)
 
     def waiting(self) -> int:
-        return sum(1 for w in self.cluster.waiters if w.pool is self)
+        return sum(1 for w in self.cluster.waiters if w.pool is self and not w.done)
 
     async def open(self, member: str) -> ServerConn:
         address, port = self.cluster.members[member]
@@ -192,16 +226,18 @@ class Pool:
         if server.closed:
             return
         cluster = self.cluster
-        for waiter in cluster.waiters:
-            if waiter.pool is self and server.member in waiter.members and not waiter.future.done():
-                cluster.waiters.remove(waiter)
-                waiter.future.set_result(server)
-                return
+        if cluster.waiters:
+            for waiter in cluster.waiters:
+                if waiter.pool is self and not waiter.done and server.member in waiter.members:
+                    cluster.waiters.remove(waiter)
+                    self.stats.count_wait(time.monotonic() - waiter.since)
+                    waiter.hand(server)
+                    return
         if (server.member != cluster.primary and server.member not in cluster.usable_members()) \
                 or self.over_limit(server.member):
             self.discard(server)       # the old primary after a switchover; a lowered limit
             return
-        if any(not w.future.done() for w in cluster.waiters):
+        if any(not w.done for w in cluster.waiters):
             # clients of another pool wait for room under the database's budget
             self.discard(server)
             return

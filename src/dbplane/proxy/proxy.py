@@ -142,6 +142,7 @@ class Proxy:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        log.info("proxy %s starting on %s (event loop %s)", self.id, self.address, type(loop).__module__)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         self._http = httpx.AsyncClient()
@@ -301,7 +302,7 @@ class Proxy:
                 for pool in cluster.pools.values():
                     for client in list(pool.clients):
                         if client.server is None and client.acquiring is None and \
-                                now - client.last_active > idle_limit:
+                                client.waiter is None and now - client.last_active > idle_limit:
                             client.fatal("57P05", "terminating connection due to idle-session timeout "
                                          f"({idle_limit:g} s without a query)")
 
