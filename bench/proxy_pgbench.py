@@ -25,6 +25,9 @@ Targets (--targets, default direct,dbplane,pgbouncer):
              --pool-size divided by the number of proxies (rounded up), so that both
              poolers hold about the same number of server connections.
   pgbouncer  the PgBouncer above.
+  relay      (only when asked for) bench/uvloop_relay.py: a minimal uvloop process that
+             relays bytes between each client and a server connection of its own (no
+             parsing, no pooling): the floor of CPU per transaction for a Python proxy.
 
 Each repetition (--reps), for each workload and protocol (-M simple, extended, prepared),
 every target runs once for --duration seconds (15), in an order that rotates between
@@ -84,7 +87,8 @@ DB = "pgb"
 BENCH_DB = "bench"
 SCALE = 10
 PGBOUNCER = "/usr/sbin/pgbouncer"
-TARGETS = ("direct", "dbplane", "pgbouncer")
+TARGETS = ("direct", "dbplane", "pgbouncer", "relay")
+DEFAULT_TARGETS = ("direct", "dbplane", "pgbouncer")
 PROTOCOLS = ("simple", "extended", "prepared")
 WORKLOADS = {   # name: (extra pgbench args, clients)
     "select-only": (["-S"], 50),
@@ -256,6 +260,15 @@ def run_pgbench(rep: int, workload: str, protocol: str, target: str, host: str, 
 
 
 # -- pgbouncer ----------------------------------------------------------------------------
+
+def free_port_is(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -517,7 +530,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3, help="repetitions of every combination")
     ap.add_argument("--duration", type=int, default=15, help="seconds per pgbench run")
-    ap.add_argument("--targets", default=",".join(TARGETS),
+    ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                     help=f"comma-separated subset of {', '.join(TARGETS)}")
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma-separated subset of {', '.join(WORKLOADS)}")
@@ -548,6 +561,7 @@ def main() -> int:
     p = Platform(root)
     logdir = Path(tempfile.mkdtemp(prefix="proxy-pgbench-logs-", dir="/var/tmp"))
     bouncer: PgBouncer | None = None
+    relay: subprocess.Popen | None = None
     results: list[RunResult] = []
     setup: dict = {}
     print(f"data root {root}", flush=True)
@@ -578,6 +592,14 @@ def main() -> int:
             bouncer.start()
             endpoints["pgbouncer"] = ("127.0.0.1", bouncer.port)
             cpus["pgbouncer"] = PoolerCpu(bouncer.process)
+        if "relay" in targets:
+            rport = free_port()
+            relay = subprocess.Popen([sys.executable, str(Path(__file__).with_name("uvloop_relay.py")),
+                                      str(rport), str(pport)])
+            wait_for(lambda: not free_port_is(rport), 10, "the relay to listen")
+            endpoints["relay"] = ("127.0.0.1", rport)
+            relay_proc = psutil.Process(relay.pid)
+            cpus["relay"] = PoolerCpu(lambda: [relay_proc])
         setup = {"database": f"{DB} (class medium, multi_az {args.multi_az}), "
                              f"pgbench -i -s {SCALE} into {BENCH_DB}",
                  "primary": f"{phost}:{pport}",
@@ -612,6 +634,9 @@ def main() -> int:
     finally:
         if bouncer is not None:
             bouncer.stop()
+        if relay is not None:
+            relay.kill()
+            relay.wait(10)
         try:
             p.cli("down", check=False, timeout=300)
         except Exception as e:

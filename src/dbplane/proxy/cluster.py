@@ -43,6 +43,8 @@ class Cluster:
         self.stopped = False
         self.clients = 0                   # client connections to this proxy, logged in or not
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.connections: collections.Counter = collections.Counter()   # member -> open + opening
+        self.writer_targets: list[str] = []
         self.waiters: collections.deque = collections.deque()
         self._changed = asyncio.Event()
         self._rotation = itertools.count()
@@ -59,7 +61,7 @@ class Cluster:
         return pool
 
     def member_count(self, member: str) -> int:
-        return sum(p.count(member) for p in self.pools.values())
+        return self.connections[member]
 
     # -- topology ----------------------------------------------------------------------
 
@@ -71,6 +73,7 @@ class Cluster:
         self.primary = topology.primary
         self.replicas = topology.replicas
         self.draining = topology.draining if topology.draining == topology.primary else None
+        self.writer_targets = [self.primary] if self.primary and not self.draining else []
         self.monitor.update()
         gone = set()
         if old_primary and old_primary != self.primary:
@@ -135,7 +138,7 @@ class Cluster:
     def targets_now(self, role: str, min_lsn: int | None = None) -> list[str]:
         """Members that may serve a new transaction of this role, preferred first."""
         if role == "writer":
-            return [self.primary] if self.primary and not self.draining else []
+            return self.writer_targets
         readers = self.readable_replicas(min_lsn)
         if readers:
             start = next(self._rotation) % len(readers)

@@ -195,6 +195,7 @@ class Pool:
     async def open(self, member: str) -> ServerConn:
         address, port = self.cluster.members[member]
         self.opening[member] += 1
+        self.cluster.connections[member] += 1
         try:
             loop = asyncio.get_running_loop()
             _, server = await asyncio.wait_for(
@@ -209,6 +210,7 @@ class Pool:
                 raise
             self.servers.add(server)
             self.open_count[member] += 1
+            self.cluster.connections[member] += 1
             if not self.server_params:
                 self.server_params = dict(server.params)
             return server
@@ -216,6 +218,7 @@ class Pool:
             raise ConnectionError(f"{address}:{port} did not answer within the connect timeout") from e
         finally:
             self.opening[member] -= 1
+            self.cluster.connections[member] -= 1
 
     # -- giving back -----------------------------------------------------------------------
 
@@ -248,6 +251,7 @@ class Pool:
             return False
         self.servers.discard(server)
         self.open_count[server.member] -= 1
+        self.cluster.connections[server.member] -= 1
         return True
 
     def discard(self, server: ServerConn) -> None:
