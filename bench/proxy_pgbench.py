@@ -36,6 +36,10 @@ repetitions:
   select-only  `pgbench -S -c 50 -j 2`
   tpcb-like    `pgbench -c 20 -j 2` (the default script)
 
+  (-M prepared runs with one thread per client, -j 50 / -j 20, for every target: pgbench
+  prepares with a blocking PQprepare, which deadlocks a thread of several clients behind
+  a transaction pooler smaller than its clients until the queue timeout)
+
 Before each run pgbench_branches/tellers are vacuumed and pgbench_history is truncated on
 the primary (so pgbench runs with -n and nothing but the workload goes through the pooler).
 Per run: TPS from pgbench's "tps = ... (without initial connection time)", average and p99
@@ -217,7 +221,12 @@ def run_pgbench(rep: int, workload: str, protocol: str, target: str, host: str, 
         duration = min(duration, UNSUPPORTED_RUN_S)
     res = RunResult(rep, workload, protocol, target, f"{host}:{port}", duration)
     prefix = logdir / f"r{rep}-{workload}-{protocol}-{target}"
-    argv = [f"{postgres_bin_dir()}/pgbench", *args, "-n", "-c", str(clients), "-j", "2",
+    # -M prepared: one pgbench thread per client. pgbench prepares a statement with a
+    # blocking PQprepare at its first use; a thread blocked there while its other clients
+    # hold every pooled server connection inside a transaction deadlocks until the
+    # pooler's queue timeout (any transaction pooler with fewer connections than clients)
+    threads = clients if protocol == "prepared" else 2
+    argv = [f"{postgres_bin_dir()}/pgbench", *args, "-n", "-c", str(clients), "-j", str(threads),
             "-T", str(duration), "-M", protocol, "--log", f"--log-prefix={prefix}",
             "-h", host, "-p", str(port), "-U", user, BENCH_DB]
     if cpu is not None:

@@ -139,24 +139,36 @@ def test_injected_query_reply_is_hidden():
 
 def test_injected_parse_and_close_replies_are_hidden():
     conn, sink = server()
-    extra = conn.statement(b"dbp_1", b"SELECT 1\0\0\0")     # not prepared here: Parse injected
-    assert len(extra) == 1 and conn.swallow_parse == 1
-    assert conn.statement(b"dbp_1", b"SELECT 1\0\0\0") == []  # now it is
+    extra = conn.statement(b"dbp_1", b"SELECT 1\0\0\0", 0)   # not prepared here: Parse injected
+    assert len(extra) == 1 and list(conn.swallow) == [[0, 1, 0]]
+    assert conn.statement(b"dbp_1", b"SELECT 1\0\0\0", 0) == []   # now it is
     conn.send(b"".join(extra), 1)
     reply = wire.PARSE_COMPLETE + wire.message(b"2") + ROW + DONE + Z
     conn.data_received(reply)
     assert sink.data == wire.message(b"2") + ROW + DONE + Z
+    assert not conn.swallow
+
+
+def test_injections_in_a_pipeline_of_several_syncs():
+    """The client's own ParseComplete of batch 0 must pass; batch 1's injected one not."""
+    conn, sink = server()
+    conn.hide(1, parses=1)                   # injected before a Bind of the second batch
+    conn.send(b"x", 2)
+    first = wire.PARSE_COMPLETE + wire.message(b"2") + DONE + Z
+    second = wire.PARSE_COMPLETE + wire.message(b"2") + DONE + Z
+    conn.data_received(first + second)
+    assert sink.data == first + wire.message(b"2") + DONE + Z
 
 
 def test_error_makes_statements_of_the_batch_uncertain():
     conn, sink = server()
-    conn.send(b"".join(conn.statement(b"dbp_2", b"SELEC 1\0\0\0")), 1)
+    conn.send(b"".join(conn.statement(b"dbp_2", b"SELEC 1\0\0\0", 0)), 1)
     conn.data_received(wire.error("42601", "syntax error") + Z)
     assert b"dbp_2" not in conn.prepared and b"dbp_2" in conn.uncertain
-    assert conn.swallow_parse == 0
+    assert not conn.swallow                  # the skipped ParseComplete is not waited for
     # the next attempt closes the name first, in case the server has it after all
-    again = conn.statement(b"dbp_2", b"SELECT 1\0\0\0")
-    assert again[0] == wire.close_statement(b"dbp_2") and conn.swallow_close == 1
+    again = conn.statement(b"dbp_2", b"SELECT 1\0\0\0", 1)
+    assert again[0] == wire.close_statement(b"dbp_2") and list(conn.swallow) == [[1, 1, 1]]
 
 
 def test_fatal_from_the_server_is_not_passed_on():

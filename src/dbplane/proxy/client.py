@@ -45,6 +45,8 @@ EMPTY_PARSE = wire.message(b"P", b"\0\0\0\0")    # unnamed, empty query: answers
 NO_SUCH_STATEMENT = wire.close_statement(b"dbplane_none")   # answers CloseComplete, closes nothing
 
 STARTUP, AUTH, READY, CLOSED = range(4)
+TRACE = bool(os.environ.get("DBPLANE_PROXY_TRACE"))
+
 
 
 def server_name(parse_tail: bytes) -> bytes:
@@ -68,7 +70,8 @@ class ClientConn(asyncio.Protocol):
         self.read_your_writes = False
         self.params: dict[str, str] = {}     # tracked settings asked for at startup
         self.statements: dict[bytes, tuple[bytes, bytes]] = {}   # client name -> (server name, parse tail)
-        self.pending: list[bytes] = []      # messages waiting for a server connection
+        # messages waiting for a server connection: (bytes, replies asked for, nothing to rename)
+        self.pending: list[tuple[bytes, int, bool]] = []
         self.pending_responses = 0
         self.acquiring: asyncio.Task | None = None
         self.waiter = None                  # our place in the pool's queue, if waiting
@@ -300,6 +303,10 @@ class ClientConn(asyncio.Protocol):
     # -- traffic ---------------------------------------------------------------------------
 
     def _traffic(self, data: bytes) -> None:
+        if TRACE:
+            log.warning("C%d> %s srv=%s pend=%d wait=%s acq=%s", id(self) % 10000, wire.kinds(data),
+                        id(self.server) % 10000 if self.server else None, len(self.pending),
+                        self.waiter is not None, self.acquiring is not None)
         self.last_active = time.monotonic()
         if self._buf:
             self._buf += data
@@ -371,7 +378,7 @@ class ClientConn(asyncio.Protocol):
         if server is not None and not self.pending:
             server.send(data if simple else self._rewrite(data, server), responses)
             return
-        self.pending.append(data if simple else b"\x00" + data)   # marked: rewrite on attach
+        self.pending.append((data, responses, simple))            # rewritten on attach
         self.pending_responses += responses
         if self.acquiring is None and self.waiter is None and server is None:
             self._get_server()
@@ -456,10 +463,9 @@ class ClientConn(asyncio.Protocol):
         if sets:
             server.run_internal(";".join(sets), self._settings_applied)
         pending, self.pending = self.pending, []
-        responses, self.pending_responses = self.pending_responses, 0
-        out = [self._rewrite(p[1:], server) if p[:1] == b"\x00" else p for p in pending]
-        if out:
-            server.send(b"".join(out), responses)
+        self.pending_responses = 0
+        for data, responses, simple in pending:      # in order: batch numbers count on it
+            server.send(data if simple else self._rewrite(data, server), responses)
 
     def _settings_applied(self, ok: bool) -> None:
         if not ok and self.transport is not None:
@@ -483,10 +489,16 @@ class ClientConn(asyncio.Protocol):
     def _rewrite(self, data: bytes, server: ServerConn) -> bytes:
         out: list[bytes] = []
         pos, n = 0, len(data)
+        batch = server.sent_batches        # the number of the batch each message belongs to
         while pos < n:
             kind = data[pos]
             end = pos + 1 + int.from_bytes(data[pos + 1:pos + 5])
             body = data[pos + 5:end]
+            if kind == 83 or kind == 81 or kind == 70:          # Sync, Query, FunctionCall end one
+                out.append(data[pos:end])
+                batch += 1
+                pos = end
+                continue
             if kind == 80 and body[:1] != b"\0":               # Parse of a named statement
                 name, p = wire.read_cstr(body, 0)
                 tail = body[p:]
@@ -496,14 +508,14 @@ class ClientConn(asyncio.Protocol):
                     server.prepared.move_to_end(sname)
                     out.append(EMPTY_PARSE)                      # the client still gets ParseComplete
                 else:
-                    out += server.remember(sname)
+                    out += server.remember(sname, batch)
                     out.append(wire.message(b"P", sname + b"\0" + tail))
             elif kind == 66:                                    # Bind
                 portal, p = wire.read_cstr(body, 0)
                 name, p2 = wire.read_cstr(body, p)
                 known = self.statements.get(name) if name else None
                 if known:
-                    out += server.statement(*known)
+                    out += server.statement(*known, batch)
                     out.append(wire.message(b"B", portal + b"\0" + known[0] + b"\0" + body[p2:]))
                 else:
                     out.append(data[pos:end])
@@ -514,7 +526,7 @@ class ClientConn(asyncio.Protocol):
                     self.statements.pop(name, None)
                     out.append(NO_SUCH_STATEMENT)
                 elif known:
-                    out += server.statement(*known)
+                    out += server.statement(*known, batch)
                     out.append(wire.message(b"D", b"S" + known[0] + b"\0"))
                 else:
                     out.append(data[pos:end])

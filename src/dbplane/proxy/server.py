@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from .client import ClientConn
     from .pool import Pool
 
+import logging
+import os
+
+log = logging.getLogger("dbplane.proxy")
+TRACE = bool(os.environ.get("DBPLANE_PROXY_TRACE"))
 MAX_PREPARED = 1000      # statements kept per server connection; the oldest is closed
 
 
@@ -53,8 +58,13 @@ class ServerConn(asyncio.Protocol):
         self.prepared: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.batch_prepared: list[bytes] = []   # names sent since the last ReadyForQuery
         self.uncertain: set[bytes] = set()      # may exist after an error: Close before Parse
-        self.swallow_parse = 0         # ParseComplete replies to injected Parse messages
-        self.swallow_close = 0         # CloseComplete replies to injected Close messages
+        # replies to hide, per batch (a batch ends with a Sync or is one Query): entries
+        # [batch number, ParseCompletes, CloseCompletes] for the Parse/Close we injected.
+        # Numbering batches keeps a pipeline of several Syncs straight, and an error that
+        # skips the rest of a batch drops exactly that batch's entries.
+        self.swallow: collections.deque[list[int]] = collections.deque()
+        self.sent_batches = 0          # client batches sent (Sync, Query, FunctionCall)
+        self.done_batches = 0          # client batches answered (ReadyForQuery)
         self.internal: collections.deque = collections.deque()  # callbacks of injected queries
         self._internal_ok = True
         self._buf = bytearray()
@@ -134,9 +144,13 @@ class ServerConn(asyncio.Protocol):
             self._buf += data
             data = bytes(self._buf)
             self._buf.clear()
+        if TRACE:
+            log.warning("S%d< %s cli=%s out=%d int=%d sw=%s sent=%d done=%d", id(self) % 10000,
+                        wire.kinds(data), id(self.client) % 10000 if self.client else None, self.outstanding,
+                        len(self.internal), list(self.swallow), self.sent_batches, self.done_batches)
         n = len(data)
         pos = 0
-        special = self.internal or self.swallow_parse or self.swallow_close
+        special = self.internal or self.swallow
         keep: list[bytes] | None = [] if special else None
         start = 0                      # first byte not yet copied to keep
         release = False
@@ -158,8 +172,11 @@ class ServerConn(asyncio.Protocol):
                         done(ok)
                     pos = end
                     continue
-                # injected Parse/Close replies an error skipped never come
-                self.swallow_parse = self.swallow_close = 0
+                # a batch is over: replies to its injected messages that an error skipped never come
+                self.done_batches += 1
+                swallow = self.swallow
+                while swallow and swallow[0][0] < self.done_batches:
+                    swallow.popleft()
                 self.batch_prepared.clear()
                 release = self.outstanding <= 0
                 self.pool.count_ready(self)
@@ -188,12 +205,10 @@ class ServerConn(asyncio.Protocol):
                     self.prepared.pop(name, None)
                 self.batch_prepared.clear()
             elif keep is not None and not self.internal:
-                if kind == 49 and self.swallow_parse:              # '1' ParseComplete we injected
-                    self.swallow_parse -= 1
-                    keep.append(data[start:pos])
-                    start = end
-                elif kind == 51 and self.swallow_close:            # '3' CloseComplete we injected
-                    self.swallow_close -= 1
+                head = self.swallow[0] if self.swallow else None
+                if head is not None and head[0] == self.done_batches and (
+                        (kind == 49 and head[1]) or (kind == 51 and head[2])):
+                    head[1 if kind == 49 else 2] -= 1                # a reply to what we injected
                     keep.append(data[start:pos])
                     start = end
             if keep is not None and self.internal and start < end:
@@ -233,7 +248,11 @@ class ServerConn(asyncio.Protocol):
 
     def send(self, data: bytes, responses: int) -> None:
         """Client traffic: `responses` is how many ReadyForQuery replies it asks for."""
+        if TRACE:
+            log.warning("S%d> %s cli=%s resp=%d", id(self) % 10000, wire.kinds(data),
+                        id(self.client) % 10000 if self.client else None, responses)
         self.outstanding += responses
+        self.sent_batches += responses
         self.transport.write(data)
 
     def run_internal(self, sql: str, done=None) -> None:
@@ -242,9 +261,16 @@ class ServerConn(asyncio.Protocol):
         self.outstanding += 1
         self.transport.write(wire.query(sql))
 
-    def statement(self, name: bytes, parse_body_tail: bytes) -> list[bytes]:
+    def hide(self, batch: int, parses: int = 0, closes: int = 0) -> None:
+        if self.swallow and self.swallow[-1][0] == batch:
+            self.swallow[-1][1] += parses
+            self.swallow[-1][2] += closes
+        else:
+            self.swallow.append([batch, parses, closes])
+
+    def statement(self, name: bytes, parse_body_tail: bytes, batch: int) -> list[bytes]:
         """Messages that make sure statement `name` exists here before a Bind/Describe
-        uses it; their replies are hidden."""
+        of client batch number `batch` uses it; their replies are hidden."""
         if name in self.prepared:
             self.prepared.move_to_end(name)
             return []
@@ -252,19 +278,19 @@ class ServerConn(asyncio.Protocol):
         if name in self.uncertain:
             self.uncertain.discard(name)
             out.append(wire.close_statement(name))
-            self.swallow_close += 1
+            self.hide(batch, closes=1)
         out.append(wire.message(b"P", name + b"\0" + parse_body_tail))
-        self.swallow_parse += 1
-        out += self.remember(name)
+        self.hide(batch, parses=1)
+        out += self.remember(name, batch)
         return out
 
-    def remember(self, name: bytes) -> list[bytes]:
+    def remember(self, name: bytes, batch: int) -> list[bytes]:
         self.prepared[name] = None
         self.batch_prepared.append(name)
         if len(self.prepared) <= MAX_PREPARED:
             return []
         oldest, _ = self.prepared.popitem(last=False)
-        self.swallow_close += 1
+        self.hide(batch, closes=1)
         return [wire.close_statement(oldest)]
 
     def forget_statements(self) -> None:

@@ -180,3 +180,12 @@ SYNC = message(b"S")
 
 def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+def kinds(data: bytes) -> str:
+    """The message types in data, for tracing ('+' when a message is cut off)."""
+    out, pos = [], 0
+    while pos + 5 <= len(data):
+        out.append(chr(data[pos]))
+        pos += 1 + int.from_bytes(data[pos + 1:pos + 5])
+    return "".join(out) + ("+" if pos != len(data) else "")
