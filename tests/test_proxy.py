@@ -272,6 +272,36 @@ def test_queue_timeout_gives_a_clear_error(px):
         proxy_settings(px, DB, pool_size=20, queue_timeout=30.0)
 
 
+def test_idle_server_connections_are_closed(px):
+    with px.connect(DB, autocommit=True) as c:
+        c.execute("SELECT 1")
+    assert proxy_backends(px, DB) >= 1
+    proxy_settings(px, DB, idle_server_timeout=1.0)
+    try:
+        wait_for(lambda: proxy_backends(px, DB) == 0, 15, "idle server connections to close")
+    finally:
+        proxy_settings(px, DB, idle_server_timeout=60.0)
+
+
+def test_session_mode_keeps_one_server_connection(px):
+    proxy_settings(px, DB, pool_mode="session")
+    try:
+        wait_for(lambda: all(p["pool_mode"] == "session" for p in stats(px, DB)["pools"]), 10,
+                 "session mode everywhere")
+        with px.connect(DB, autocommit=True) as c, px.connect(DB, autocommit=True) as other:
+            pid = backend_pid(c)
+            for _ in range(5):
+                other.execute("SELECT 1")
+                assert backend_pid(c) == pid
+            assert backend_pid(other) != pid
+            c.execute("SET work_mem = '7MB'")          # no pinning needed, nothing counted
+            assert c.execute("SHOW work_mem").fetchone()[0] == "7MB"
+        with px.connect(DB, autocommit=True) as c:      # reset before reuse (DISCARD ALL)
+            assert c.execute("SHOW work_mem").fetchone()[0] != "7MB"
+    finally:
+        proxy_settings(px, DB, pool_mode="transaction")
+
+
 def test_client_connection_cap(px):
     proxy_settings(px, DB, max_client_connections=2)
     conns, refused = [], []
