@@ -262,11 +262,14 @@ async def observe(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
 def primary_change_cause(p: Pass, db: str, new_primary: str) -> tuple[str, str]:
     """(event kind, explanation) of a primary change: an operation asked for it, or not."""
     for op in p.snap.operations():
-        if op.database != db or op.done:
+        # the operation may already have succeeded in the pass that saw the new primary
+        # (it re-reads etcd) before this one records the event
+        recent = op.done and now() - op.updated_at < 60
+        if op.database != db or (op.done and not recent):
             continue
         if op.kind in ("switchover", "failover") and op.params.get("to") == new_primary:
             return op.kind, f": {op.kind} requested by operation {op.id}"
-        if op.kind == "modify":
+        if op.kind == "modify" and not op.done:
             return "switchover", f": rolling restart of operation {op.id}"
     return "failover", ""
 
