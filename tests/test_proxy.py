@@ -17,8 +17,11 @@ import time
 import psycopg
 import pytest
 
+from dbplane.models import DatabaseSecrets
 from dbplane.proxy import wire
 from dbplane.security.scram import ClientExchange
+from dbplane.store import keys
+from dbplane.store.gateway import Gateway
 from dbplane.system import postgres_bin_dir
 from platform_helpers import wait_for
 
@@ -232,6 +235,34 @@ def test_reader_endpoint_reads_from_replicas(px):
         assert c.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             c.execute("INSERT INTO items VALUES (-1, 'no')")
+
+
+def test_reader_skips_lagging_replicas(px):
+    """A replica whose replay is paused falls behind; with a lag bound of 0 bytes the
+    reader endpoint stops using replicas and reads from the primary instead."""
+    secrets = DatabaseSecrets.model_validate_json(Gateway(px.info.etcd_url).get(keys.secrets(DB)))
+    replicas = [m for m in px.describe(DB)["members"] if m["role"] != "primary"]
+    supers = [psycopg.connect(host=m["address"], port=m["port"], user="postgres", dbname="postgres",
+                              password=secrets.superuser, autocommit=True, connect_timeout=5)
+              for m in replicas]
+    proxy_settings(px, DB, reader_max_lag_bytes=0)
+    try:
+        for c in supers:
+            c.execute("SELECT pg_wal_replay_pause()")
+        with px.connect(DB, autocommit=True) as w:
+            w.execute("INSERT INTO items SELECT g, 'lag' FROM generate_series(-2000, -1001) g")
+        with px.connect(DB, "reader", autocommit=True) as r:
+            wait_for(lambda: r.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False, 15,
+                     "the reader endpoint to fall back to the primary")
+            assert r.execute("SELECT count(*) FROM items WHERE note = 'lag'").fetchone()[0] == 1000
+    finally:
+        for c in supers:
+            c.execute("SELECT pg_wal_replay_resume()")
+            c.close()
+        proxy_settings(px, DB, reader_max_lag_bytes=16 * 1024 * 1024)
+    with px.connect(DB, "reader", autocommit=True) as r:
+        wait_for(lambda: r.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True, 15,
+                 "the reader endpoint to use replicas again")
 
 
 def test_read_your_writes(px):
