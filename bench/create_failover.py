@@ -36,7 +36,6 @@ import base64
 import importlib.metadata
 import json
 import os
-import platform as pyplatform
 import random
 import shutil
 import signal
@@ -58,6 +57,8 @@ from dbplane.process import running_pid
 from dbplane.system import etcd_binary, postgres_bin_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from machine import commit, first_line, machine  # noqa: E402  (bench/)
+
 from platform_helpers import wait_for  # noqa: E402  (the tests' condition wait)
 
 PROFILES = {
@@ -367,30 +368,13 @@ def measure(b: Bench, run: int, profile: str, rng: random.Random, db: str) -> Ru
 
 # -- reporting ----------------------------------------------------------------------------
 
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), pyplatform.processor())
-    mem_kb = int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
-                      if ln.startswith("MemTotal")))
-
-    def first_line(argv: list[str]) -> str:
-        try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=10
-                                  ).stdout.splitlines()[0].strip()
-        except (OSError, IndexError, subprocess.SubprocessError):
-            return "?"
-
-    commit = first_line(["git", "-C", str(Path(__file__).resolve().parent.parent),
-                         "describe", "--always", "--dirty"])
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem_kb / 1024 / 1024, 1),
-        "kernel": pyplatform.release(), "python": pyplatform.python_version(),
+def machine_info() -> dict:
+    return machine({
         "postgres": first_line([f"{postgres_bin_dir()}/postgres", "--version"]),
         "patroni": importlib.metadata.version("patroni"),
         "etcd": first_line([etcd_binary(), "--version"]),
-        "dbplane_commit": commit,
-        "loadavg_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
+        "dbplane_commit": commit(),
+    })
 
 
 def stats(values: list[float]) -> str:
@@ -452,7 +436,7 @@ def main() -> int:
     root.chmod(0o755)
     b = Bench(root)
     rng = random.Random(args.seed)
-    info = machine()
+    info = machine_info()
     results: list[RunResult] = []
     print(f"data root {root}", flush=True)
     try:

@@ -66,7 +66,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform as pyplatform
 import re
 import shlex
 import shutil
@@ -85,6 +84,8 @@ import psycopg
 from dbplane.system import ensure_service_account, postgres_bin_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from machine import commit, first_line, machine  # noqa: E402  (bench/)
+
 from platform_helpers import Platform, new_data_root, wait_for  # noqa: E402
 
 DB = "pgb"
@@ -431,31 +432,14 @@ def dbplane_proxy_finder(root: Path, writer_port: int):
 
 # -- reporting ----------------------------------------------------------------------------
 
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), pyplatform.processor())
-    mem_kb = int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
-                      if ln.startswith("MemTotal")))
-
-    def first_line(argv: list[str]) -> str:
-        try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=10
-                                  ).stdout.splitlines()[0].strip()
-        except (OSError, IndexError, subprocess.SubprocessError):
-            return "?"
-
-    commit = first_line(["git", "-C", str(Path(__file__).resolve().parent.parent),
-                         "describe", "--always", "--dirty"])
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem_kb / 1024 / 1024, 1),
-        "kernel": pyplatform.release(), "python": pyplatform.python_version(),
+def machine_info() -> dict:
+    return machine({
         "postgres": first_line([f"{postgres_bin_dir()}/postgres", "--version"]),
         "pgbench": first_line([f"{postgres_bin_dir()}/pgbench", "--version"]),
         "pgbouncer": first_line([PGBOUNCER, "-V"]),
-        "dbplane": f"{importlib.metadata.version('dbplane')} ({commit})",
+        "dbplane": f"{importlib.metadata.version('dbplane')} ({commit()})",
         "command": shlex.join([sys.executable, *sys.argv]),
-        "loadavg_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
+    })
 
 
 def median(values: list[float | None]) -> float | None:
@@ -565,7 +549,7 @@ def main() -> int:
 
     if "pgbouncer" in targets:
         ensure_pgbouncer()
-    info = machine()
+    info = machine_info()
     root = new_data_root("dbplane-bench-")
     p = Platform(root)
     logdir = Path(tempfile.mkdtemp(prefix="proxy-pgbench-logs-", dir="/var/tmp"))

@@ -19,7 +19,7 @@ from ..store import Store, keys
 from ..system import postgres_major_version
 from .ha_routes import router as ha_router
 from .proxy_routes import router as proxy_router
-from .views import database_snapshot, describe, summary
+from .views import database_snapshot, describe, get_spec, summary
 
 log = logging.getLogger("dbplane.api")
 
@@ -66,13 +66,6 @@ def create_app(etcd_url: str) -> FastAPI:
 
     async def live_hosts(s: Store) -> list[Host]:
         return await s.list(keys.hosts(), Host)
-
-    async def get_spec(s: Store, name: str) -> DatabaseSpec:
-        spec = await s.get(keys.database_spec(name), DatabaseSpec)
-        if spec is None:
-            raise NotFound(f"database {name!r} not found", "list databases with 'dbplane db list'",
-                           code="database_not_found")
-        return spec
 
     @app.get("/healthz")
     async def healthz(request: Request):

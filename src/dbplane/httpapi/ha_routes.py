@@ -15,7 +15,7 @@ from ..controlplane.topology import Snapshot, member_views
 from ..errors import CapacityError, Conflict, InvalidInput, NotFound
 from ..models import NAME_RE, DatabaseSpec, Host, MemberSpec, Operation, PromotedFrom
 from ..store import Store, keys
-from .views import database_snapshot
+from .views import database_snapshot, get_spec
 
 router = APIRouter()
 MAX_REPLICAS = 5
@@ -50,10 +50,7 @@ def _store(request: Request) -> Store:
 
 async def _ready(s: Store, name: str) -> tuple[DatabaseSpec, Snapshot]:
     """The spec and a snapshot of a database that exists, runs and is not busy."""
-    spec = await s.get(keys.database_spec(name), DatabaseSpec)
-    if spec is None:
-        raise NotFound(f"database {name!r} not found", "list databases with 'dbplane db list'",
-                       code="database_not_found")
+    spec = await get_spec(s, name)
     if spec.deleting:
         raise Conflict(f"database {name} is being deleted", "create a new database instead",
                        code="database_deleting")

@@ -12,10 +12,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 
 from ..controlplane.proxy import endpoints as proxy_endpoints
-from ..errors import Conflict, InvalidInput, NotFound
+from ..errors import Conflict, InvalidInput
 from ..models import DatabaseSpec, PlatformConfig, PoolMode, ProxyInstance, ProxyLimits, ProxySettings
 from ..proxy.limits import max_connections
 from ..store import Store, keys
+from .views import get_spec
 
 router = APIRouter()
 STATS_TIMEOUT = 2.0      # s per proxy: a hung proxy must not hold the whole answer
@@ -40,14 +41,6 @@ class ProxyPatch(BaseModel):
     model_config = {"extra": "forbid"}
 
 
-async def _spec(s: Store, name: str) -> DatabaseSpec:
-    spec = await s.get(keys.database_spec(name), DatabaseSpec)
-    if spec is None:
-        raise NotFound(f"database {name!r} not found", "list databases with 'dbplane db list'",
-                       code="database_not_found")
-    return spec
-
-
 async def _describe(s: Store, spec: DatabaseSpec) -> dict:
     ports = await s.get_raw(keys.proxy_ports(spec.name))
     config = await s.get(keys.config(), PlatformConfig) or PlatformConfig()
@@ -66,7 +59,7 @@ async def _describe(s: Store, spec: DatabaseSpec) -> dict:
 @router.get("/v1/databases/{name}/proxy")
 async def describe_proxy(name: str, request: Request):
     s: Store = request.app.state.store
-    return await _describe(s, await _spec(s, name))
+    return await _describe(s, await get_spec(s, name))
 
 
 def _check_users(users: list[str]) -> list[str]:
@@ -87,7 +80,7 @@ async def modify_proxy(name: str, body: ProxyPatch, request: Request):
                            code="nothing_to_modify")
     if "read_your_writes_users" in changes:
         changes["read_your_writes_users"] = _check_users(changes["read_your_writes_users"])
-    spec = await _spec(s, name)
+    spec = await get_spec(s, name)
     if spec.deleting:
         raise Conflict(f"database {name} is being deleted", "create a new database instead",
                        code="database_deleting")
@@ -170,7 +163,7 @@ async def _proxy_stats(http: httpx.AsyncClient, proxy: ProxyInstance, name: str)
 @router.get("/v1/databases/{name}/proxy/stats")
 async def proxy_stats(name: str, request: Request):
     s: Store = request.app.state.store
-    await _spec(s, name)
+    await get_spec(s, name)
     proxies = sorted(await s.list(keys.proxy_instances(), ProxyInstance), key=lambda p: (p.host, p.id))
     async with httpx.AsyncClient(timeout=STATS_TIMEOUT) as http:
         results = await asyncio.gather(*(_proxy_stats(http, p, name) for p in proxies))

@@ -6,8 +6,18 @@ from ..classes import get_class
 from ..controlplane.proxy import endpoints as proxy_endpoints
 from ..controlplane.storage import used_bytes
 from ..controlplane.topology import Snapshot, endpoints, member_views
+from ..errors import NotFound
 from ..models import DatabaseSpec, PlatformConfig
 from ..store import Store, keys
+
+
+async def get_spec(store: Store, name: str) -> DatabaseSpec:
+    """The database's spec, or the API's 404 naming how to list databases."""
+    spec = await store.get(keys.database_spec(name), DatabaseSpec)
+    if spec is None:
+        raise NotFound(f"database {name!r} not found", "list databases with 'dbplane db list'",
+                       code="database_not_found")
+    return spec
 
 
 async def database_snapshot(store: Store, name: str) -> Snapshot:

@@ -99,7 +99,7 @@ class ClientConn(asyncio.Protocol):
         if self.waiter is not None:
             self.pool.leave(self.waiter)
             self.waiter = None
-        self._give_back(disconnected=True)
+        self._give_back()
         if self.pool is not None:
             self.pool.clients.discard(self)
         self.proxy.client_closed(self)
@@ -584,7 +584,8 @@ class ClientConn(asyncio.Protocol):
         elif server.status != b"I":
             self.lost_transaction = True          # idle in a transaction: fail its next statement
 
-    def _give_back(self, disconnected: bool) -> None:
+    def _give_back(self) -> None:
+        """The client left: its server connection goes back clean, or is closed."""
         server, self.server = self.server, None
         if server is None or server.closed:
             return

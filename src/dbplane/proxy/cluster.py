@@ -45,6 +45,7 @@ class Cluster:
         self.pools: dict[tuple[str, str], Pool] = {}
         self.connections: collections.Counter = collections.Counter()   # member -> open + opening
         self.writer_targets: list[str] = []
+        self._applied: tuple | None = None     # the (topology, settings, budget) last applied
         self.waiters: collections.deque = collections.deque()
         self._changed = asyncio.Event()
         self._rotation = itertools.count()
@@ -66,6 +67,13 @@ class Cluster:
     # -- topology ----------------------------------------------------------------------
 
     def update(self, topology: Topology, settings: ProxySettings, budget: int) -> None:
+        """Apply what etcd says now. Called on every change under the watched prefixes
+        (Patroni refreshes its keys every loop), so it acts only when something differs:
+        waking the queue would cost waiting clients their place."""
+        state = (topology, settings, budget)
+        if state == self._applied:
+            return
+        self._applied = state
         old_primary = self.primary
         self.settings = settings
         self.budget = max(1, budget)

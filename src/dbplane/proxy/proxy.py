@@ -33,6 +33,7 @@ from ..models import (
     ProxyPorts,
 )
 from ..store import Store, keys
+from . import wire
 from .client import ClientConn, new_key, new_pid
 from .cluster import Cluster, Topology
 from .limits import proxy_budget
@@ -130,7 +131,6 @@ class Proxy:
 
     def send_cancel(self, address: str, port: int, pid: int, key: bytes) -> None:
         async def send():
-            from . import wire
             with contextlib.suppress(OSError, TimeoutError):
                 _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 5)
                 writer.write(wire.cancel_request(pid, key))

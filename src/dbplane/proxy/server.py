@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -21,9 +23,6 @@ from . import wire
 if TYPE_CHECKING:
     from .client import ClientConn
     from .pool import Pool
-
-import logging
-import os
 
 log = logging.getLogger("dbplane.proxy")
 TRACE = bool(os.environ.get("DBPLANE_PROXY_TRACE"))
