@@ -76,6 +76,13 @@ class DatabaseSpec(BaseModel):
     # set on a database made by promoting a read replica of another one (`replica promote`)
     promoted_from: PromotedFrom | None = None
     proxy: ProxySettings = Field(default_factory=ProxySettings)
+    backup: BackupSettings = Field(default_factory=lambda: BackupSettings())
+
+    @property
+    def archive_id(self) -> str:
+        """Where this database's backups and WAL live in a repository. Names can be reused
+        after a delete, so the creation time is part of it."""
+        return f"{self.name}-{int(self.created_at)}"
 
     @field_validator("name")
     @classmethod
@@ -91,6 +98,29 @@ class PromotedFrom(BaseModel):
     """The read replica whose data directory a promoted database starts from."""
     database: str
     member: str
+
+
+class BackupSettings(BaseModel):
+    """Automated backups of one database (like RDS's backup retention and window).
+    See docs/backups.md."""
+    enabled: bool = True
+    repository: str = "local"                  # a RepositorySpec name
+    retention_days: int = Field(7, ge=1, le=35)
+    full_every_hours: float = Field(24.0, gt=0, le=24 * 35)
+    incremental_every_hours: float = Field(1.0, ge=0, le=24 * 35)   # 0 = full backups only
+    window: str = ""                           # "HH:MM-HH:MM" UTC for full backups; "" = any time
+    kms_key: str = "alias/dbplane/backup"      # key id or alias that encrypts backups and WAL
+    copy_to: str = ""                          # a second repository receiving copies
+    drill_every_hours: float = Field(24.0, ge=0, le=24 * 35)        # restore drills; 0 = off
+    archive_timeout: float = Field(5.0, ge=1, le=3600)   # s: a partial WAL segment is uploaded this often
+
+    @field_validator("window")
+    @classmethod
+    def _valid_window(cls, v: str) -> str:
+        if v and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", v):
+            raise ValueError(f"invalid backup window {v!r}: write it as HH:MM-HH:MM in UTC, "
+                             "e.g. 03:00-04:00")
+        return v
 
 
 DatabaseSpec.model_rebuild()
@@ -215,6 +245,8 @@ class PlatformConfig(BaseModel):
     # the host name clients use for proxy endpoints: a name or address that reaches the
     # proxies on every host (a DNS name or load balancer across many hosts)
     proxy_host: str = "127.0.0.1"
+    # the KMS root key every process that encrypts or decrypts reads (0600, service account)
+    kms_root_file: str = ""
 
 
 class ProxyPorts(BaseModel):
@@ -247,3 +279,101 @@ class ProxyDrain(BaseModel):
     operation: str
     primary: str             # the member being switched away from
     since: float = Field(default_factory=now)
+
+
+# -- backup and recovery, key management ---------------------------------------------------
+
+RepositoryKind = Literal["filesystem", "s3"]
+
+
+class RepositorySpec(BaseModel):
+    """Where backups and archived WAL are stored. API (`dbplane up` writes `local`)."""
+    name: str
+    kind: RepositoryKind = "filesystem"
+    path: str = ""                   # filesystem: an absolute directory
+    endpoint: str = ""               # s3: endpoint URL, e.g. http://127.0.0.1:9000
+    bucket: str = ""
+    prefix: str = ""
+    region: str = "us-east-1"
+    credentials_file: str = ""       # s3: 0600 file with access_key_id and secret_access_key
+    kms_key: str = "alias/dbplane/backup"   # encrypts copies written into this repository
+    created_at: float = Field(default_factory=now)
+
+
+BackupKind = Literal["full", "incremental"]
+BackupState = Literal["running", "available", "failed", "expired"]
+
+
+class BackupRecord(BaseModel):
+    """One base backup in the catalog; the repository holds its files and a copy of this
+    record (backup.json), written last. Backup worker, controller (expiry)."""
+    id: str
+    database: str
+    archive_id: str
+    repository: str
+    kind: BackupKind = "full"
+    parent: str = ""                 # the backup an incremental one builds on
+    manual: bool = False             # a snapshot: kept until deleted
+    state: BackupState = "running"
+    host: str = ""                   # the worker taking it
+    source_member: str = ""
+    timeline: int = 0
+    start_lsn: str = ""
+    stop_lsn: str = ""
+    started_at: float = Field(default_factory=now)
+    finished_at: float | None = None
+    consistent_at: float | None = None   # earliest time a restore of it can target
+    size_bytes: int = 0              # of the data as PostgreSQL holds it
+    stored_bytes: int = 0            # compressed and encrypted
+    kms_key_id: str = ""
+    kms_key_version: int = 0
+    fingerprint: dict[str, int] = Field(default_factory=dict)   # table -> rows at backup time
+    error: str = ""
+    copies: list[str] = Field(default_factory=list)             # repositories holding a copy
+
+
+ArchiveState = Literal["starting", "streaming", "reconnecting", "failing"]
+
+
+class ArchiveStatus(BaseModel):
+    """A database's continuous WAL archive as its archiver sees it. Backup worker."""
+    database: str
+    archive_id: str
+    repository: str
+    worker: str = ""                 # host whose backup worker streams
+    state: ArchiveState = "starting"
+    timeline: int = 0
+    archived_lsn: str = ""           # WAL up to here is durable in the repository
+    server_lsn: str = ""             # the primary's WAL end last seen
+    lag_bytes: int = 0
+    lag_seconds: float = 0.0
+    last_segment: str = ""
+    last_archived_at: float | None = None
+    error: str = ""
+    kms_key_ids: list[str] = Field(default_factory=list)
+    updated_at: float = Field(default_factory=now)
+
+
+KmsKeyState = Literal["enabled", "disabled", "pending_deletion"]
+
+
+class KmsKeyVersion(BaseModel):
+    version: int
+    created_at: float = Field(default_factory=now)
+    wrapped_material: str            # base64 AES-256-GCM of the key material under the root key
+
+
+class KmsKey(BaseModel):
+    """A key of the local KMS (like an AWS KMS key). Its material is stored only wrapped by
+    the KMS root key and never leaves security/kms.py unwrapped; the API shows metadata
+    only. Old versions stay to decrypt what they encrypted. API, controller (rotation,
+    deletion)."""
+    id: str                          # key-<hex>
+    alias: str = ""                  # alias/<name>
+    description: str = ""
+    state: KmsKeyState = "enabled"
+    rotation_days: int = Field(365, ge=0, le=2560)   # automatic rotation; 0 = off
+    versions: list[KmsKeyVersion] = Field(default_factory=list)
+    created_at: float = Field(default_factory=now)
+    rotated_at: float = Field(default_factory=now)
+    deletion_date: float | None = None               # when pending_deletion

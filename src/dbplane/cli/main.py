@@ -16,9 +16,10 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from ..errors import DbplaneError
 from ..parameters import parse_params
-from ..paths import Layout, data_root
+from ..paths import Layout
 from . import render
 from .client import ApiClient, pgpass_file
+from .common import Output, OutputOpt, client, root, state
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="dbplane: managed PostgreSQL on your own machines.")
@@ -33,22 +34,6 @@ app.add_typer(ops_app, name="ops")
 app.add_typer(proxy_app, name="proxy")
 
 
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-
-
-OutputOpt = typer.Option(Output.table, "--output", "-o", help="table or json")
-
-
-class _State:
-    data_dir: str | None = None
-    api: str | None = None
-
-
-state = _State()
-
-
 @app.callback()
 def _global(data_dir: Path | None = typer.Option(
                 None, "--data-dir", envvar="DBPLANE_HOME",
@@ -57,14 +42,6 @@ def _global(data_dir: Path | None = typer.Option(
                                               help="API URL (default: from the data root)")):
     state.data_dir = str(data_dir) if data_dir else None
     state.api = api
-
-
-def client() -> ApiClient:
-    return ApiClient.from_environment(state.data_dir, state.api)
-
-
-def root() -> Path:
-    return data_root(state.data_dir)
 
 
 # -- platform ---------------------------------------------------------------------------

@@ -18,6 +18,11 @@ clusters live under PATRONI_NAMESPACE, one scope per database.
   /dbplane/v1/proxy/instances/<id>         ProxyInstance proxy, under a lease
   /dbplane/v1/proxy/drain/<db>             ProxyDrain    controller, during a switchover
   /dbplane/v1/proxy/drained/<db>/<id>      operation id  proxy: no writer transaction runs
+  /dbplane/v1/repositories/<name>          RepositorySpec API (`dbplane up` writes `local`)
+  /dbplane/v1/backups/<db>/<id>            BackupRecord  backup worker, controller (expiry)
+  /dbplane/v1/archive/<db>                 ArchiveStatus backup worker
+  /dbplane/v1/archive-lock/<db>            host name     backup worker streaming WAL, under a lease
+  /dbplane/v1/kms/keys/<key-id>            KmsKey        API, controller (rotation, deletion)
   /dbplane-patroni/<db>/...                Patroni's own keys (leader, sync, members, ...)
 """
 
@@ -131,3 +136,35 @@ def proxy_drain(db: str = "") -> str:
 
 def proxy_drained(db: str, proxy_id: str = "") -> str:
     return f"{ROOT}proxy/drained/{db}/{proxy_id}"
+
+
+def repositories() -> str:
+    return ROOT + "repositories/"
+
+
+def repository(name: str) -> str:
+    return f"{ROOT}repositories/{name}"
+
+
+def backups(db: str = "") -> str:
+    return f"{ROOT}backups/{db}/" if db else ROOT + "backups/"
+
+
+def backup(db: str, backup_id: str) -> str:
+    return f"{ROOT}backups/{db}/{backup_id}"
+
+
+def archive_status(db: str = "") -> str:
+    return f"{ROOT}archive/{db}"
+
+
+def archive_lock(db: str) -> str:
+    return f"{ROOT}archive-lock/{db}"
+
+
+def kms_keys() -> str:
+    return ROOT + "kms/keys/"
+
+
+def kms_key(key_id: str) -> str:
+    return f"{ROOT}kms/keys/{key_id}"
