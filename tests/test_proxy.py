@@ -17,8 +17,8 @@ import time
 import psycopg
 import pytest
 
+from dbplane import pgwire as wire
 from dbplane.models import DatabaseSecrets
-from dbplane.proxy import wire
 from dbplane.security.scram import ClientExchange
 from dbplane.store import keys
 from dbplane.store.gateway import Gateway

@@ -9,8 +9,8 @@ import types
 
 import pytest
 
+from dbplane import pgwire as wire
 from dbplane.models import DatabaseSpec, MemberSpec, ProxyDrain, ProxySettings
-from dbplane.proxy import wire
 from dbplane.proxy.client import server_name
 from dbplane.proxy.limits import proxy_budget
 from dbplane.proxy.pool import PoolStats

@@ -19,8 +19,8 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
+from .. import pgwire as wire
 from ..security.scram import ScramAuthFailed, ScramError, ServerExchange
-from . import wire
 from .pinning import pin_reason
 from .pool import NoTarget, Pool, PoolExhausted
 from .server import ServerConn, ServerError

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from .. import pgwire as wire
 from ..errors import StoreUnavailable
 from ..models import (
     DatabaseSecrets,
@@ -33,7 +34,6 @@ from ..models import (
     ProxyPorts,
 )
 from ..store import Store, keys
-from . import wire
 from .client import ClientConn, new_key, new_pid
 from .cluster import Cluster, Topology
 from .limits import proxy_budget

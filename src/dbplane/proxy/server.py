@@ -17,8 +17,8 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from .. import pgwire as wire
 from ..security.scram import ClientExchange, ScramAuthFailed, ScramError
-from . import wire
 
 if TYPE_CHECKING:
     from .client import ClientConn

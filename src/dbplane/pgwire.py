@@ -1,4 +1,4 @@
-"""PostgreSQL v3 wire protocol: the few messages the proxy builds or looks inside.
+"""PostgreSQL v3 wire protocol: the few messages the proxy and the WAL archiver build or look inside.
 
 Everything else passes through as bytes. A message is a type byte, an int32 length that
 counts itself, and a body; the startup packet has no type byte.
