@@ -20,6 +20,7 @@ from ..paths import Layout
 from . import render
 from .client import ApiClient, pgpass_file
 from .common import Output, OutputOpt, client, root, state
+from .kms_cmds import kms_app
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="dbplane: managed PostgreSQL on your own machines.")
@@ -32,6 +33,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(replica_app, name="replica")
 app.add_typer(ops_app, name="ops")
 app.add_typer(proxy_app, name="proxy")
+app.add_typer(kms_app, name="kms")
 
 
 @app.callback()
@@ -53,11 +55,16 @@ def up(demo: bool = typer.Option(False, "--demo", help="also create a demo Multi
        pg_bin_dir: str | None = typer.Option(
            None, envvar="DBPLANE_PG_BIN_DIR",
            help="a system PostgreSQL 15+ bin directory instead of the embedded PostgreSQL 18 "
-                "(fixed at the first 'up' of a data root)")):
+                "(fixed at the first 'up' of a data root)"),
+       kms_passphrase_file: Path | None = typer.Option(
+           None, "--kms-passphrase-file", envvar="DBPLANE_KMS_PASSPHRASE_FILE",
+           help="seal the KMS root key with the passphrase in this file (fixed at the first 'up'; "
+                "needed at every 'up' after)")):
     """Start etcd, the controller, the API and three agents (zones a, b, c) on 127.0.0.1."""
     from ..platform import launcher
     info = launcher.up(root(), port_base, pg_bin_dir,
-                       say=lambda m: render.err_console.print(f"  {m}"))
+                       say=lambda m: render.err_console.print(f"  {m}"),
+                       kms_passphrase_file=kms_passphrase_file)
     render.console.print(f"dbplane is up: API {info.api_url}, etcd {info.etcd_url}, "
                          f"data in {root()}")
     if demo:

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import CapacityError, DbplaneError, MemberFailed, StoreUnavailable
 from ..models import DatabaseSpec, Operation, PlatformConfig
 from ..store import Store, keys
-from . import operations, promote, replicas, switchover
+from . import kms, operations, promote, replicas, switchover
 from .actions import Actions
 from .changes import progress as progress_modify
 from .databases import Pass, ensure_database, ensure_deleted
@@ -94,6 +94,14 @@ class Controller:
                 log.warning("%s: %s", spec.name, e)
             except Exception:
                 log.exception("reconciling %s", spec.name)
+        try:                                  # KMS keys: rotation, deletion when due
+            await kms.ensure_keys(store, config.kms_root_file)
+        except StoreUnavailable:
+            raise
+        except DbplaneError as e:
+            log.warning("KMS keys: %s", e)
+        except Exception:
+            log.exception("KMS keys")
         snap = await self.snapshot(store)     # operations judge what this pass achieved
         for op in snap.operations():
             if not op.done:

@@ -18,6 +18,7 @@ from ..models import NAME_RE, DatabaseSpec, Event, Host, Operation
 from ..store import Store, keys
 from ..system import postgres_major_version
 from .ha_routes import router as ha_router
+from .kms_routes import router as kms_router
 from .proxy_routes import router as proxy_router
 from .views import database_snapshot, describe, get_spec, summary
 
@@ -165,4 +166,5 @@ def create_app(etcd_url: str) -> FastAPI:
 
     app.include_router(ha_router)     # switchover, failover, replicas, modify
     app.include_router(proxy_router)  # proxy settings and statistics
+    app.include_router(kms_router)    # KMS keys: create, rotate, disable, delete
     return app
