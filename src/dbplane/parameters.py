@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .classes import get_class
 from .errors import InvalidInput
 from .models import DatabaseSpec
-from .system import postgres_bin_dir
+from .system import postgres_bin_dir, postgres_major_version
 
 # Parameters dbplane owns: changing them would break replication, failover or the agent.
 MANAGED = {"listen_addresses", "port", "unix_socket_directories", "hba_file", "ident_file",
@@ -157,4 +157,12 @@ BASE_PARAMETERS = {
 
 def postgres_parameters(spec: DatabaseSpec) -> dict[str, str]:
     """Effective cluster-wide parameters: base, then instance class, then user --param."""
-    return {**BASE_PARAMETERS, **get_class(spec.instance_class).settings, **spec.params}
+    return {**BASE_PARAMETERS, **engine_parameters(), **get_class(spec.instance_class).settings,
+            **spec.params}
+
+
+@functools.cache
+def engine_parameters() -> dict[str, str]:
+    """Settings that depend on the PostgreSQL version: WAL summaries (17+) make
+    incremental base backups possible."""
+    return {"summarize_wal": "on"} if int(postgres_major_version()) >= 17 else {}

@@ -73,7 +73,7 @@ def last_error(log: Path, lines: int = 80) -> str:
 
 class Agent:
     def __init__(self, etcd_url: str, name: str, zone: str, address: str, host_dir: Path,
-                 run_as: RunAs | None, proxy_workers: int = 1):
+                 run_as: RunAs | None, proxy_workers: int = 1, backup_worker: bool = True):
         self.etcd_url = etcd_url
         self.host = Host(name=name, zone=zone, address=address, data_dir=str(host_dir))
         self.host_dir = host_dir
@@ -88,8 +88,9 @@ class Agent:
         self._storage: dict[str, tuple[int | None, float]] = {}   # member -> (bytes, when)
         self.proxy_workers = proxy_workers
         self.tls_dir = host_dir / "tls"
-        self._proxy_exits: dict[int, int] = {}      # worker -> exits in a row
-        self._proxy_next_start: dict[int, float] = {}
+        self.backup_worker = backup_worker
+        self._service_exits: dict[str, int] = {}      # service -> exits in a row
+        self._service_next_start: dict[str, float] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -119,7 +120,7 @@ class Agent:
             except StoreUnavailable as e:
                 log.warning("%s; retrying", e)   # Patroni keeps running meanwhile
                 await self._wait_stop(2.0)
-        await asyncio.get_running_loop().run_in_executor(None, self.stop_proxies)
+        await asyncio.get_running_loop().run_in_executor(None, self.stop_services)
         await asyncio.get_running_loop().run_in_executor(None, self.stop_all_members)
         log.info("agent %s stopped", self.host.name)
 
@@ -171,7 +172,7 @@ class Agent:
     # -- one pass ------------------------------------------------------------------------
 
     async def reconcile(self, store: Store) -> None:
-        self.ensure_proxies()
+        self.ensure_services()
         mine = [m for m in await store.list(keys.members(), MemberSpec)
                 if m.host == self.host.name]
         for member in mine:
@@ -293,40 +294,49 @@ class Agent:
                                      restarts=restarts, storage_bytes=storage_bytes))
         self._reported[member.name] = key
 
-    # -- proxies ---------------------------------------------------------------------------
+    # -- host services: proxies and the backup worker --------------------------------------
 
-    def proxy_pidfile(self, worker: int) -> Path:
-        return self.host_dir / f"proxy-{worker}.pid"
+    def keep_running(self, name: str, argv: list[str]) -> None:
+        """Keep one service process running (pidfile and log named after it); one that
+        exits is restarted at once, then with back-off if it keeps exiting."""
+        pidfile, logfile = self.host_dir / f"{name}.pid", self.host_dir / f"{name}.log"
+        pid = process.running_pid(pidfile)
+        if pid is not None:
+            if time.time() - psutil.Process(pid).create_time() > HEALTHY_AFTER:
+                self._service_exits.pop(name, None)
+            return
+        if pidfile.exists():
+            pidfile.unlink()
+            exits = self._service_exits.get(name, 0) + 1
+            self._service_exits[name] = exits
+            self._service_next_start[name] = time.monotonic() + (0 if exits == 1 else min(60, 2 ** exits))
+            log.warning("%s exited (%s); restarting", name, last_error(logfile))
+        if time.monotonic() < self._service_next_start.get(name, 0):
+            return
+        pid = process.start(argv, pidfile, logfile, env=self.child_env(), cwd=str(self.host_dir),
+                            run_as=self.run_as)
+        log.info("started %s (pid %d)", name, pid)
 
-    def ensure_proxies(self) -> None:
-        """Keep `proxy_workers` proxy processes running; one that exits is restarted at
-        once, then with back-off if it keeps exiting."""
+    def services(self) -> dict[str, list[str]]:
+        """name -> argv of every service process this host runs."""
+        out = {}
         for worker in range(1, self.proxy_workers + 1):
-            pidfile = self.proxy_pidfile(worker)
-            pid = process.running_pid(pidfile)
-            if pid is not None:
-                if time.time() - psutil.Process(pid).create_time() > HEALTHY_AFTER:
-                    self._proxy_exits.pop(worker, None)
-                continue
-            if pidfile.exists():
-                pidfile.unlink()
-                exits = self._proxy_exits.get(worker, 0) + 1
-                self._proxy_exits[worker] = exits
-                self._proxy_next_start[worker] = time.monotonic() + (0 if exits == 1 else min(60, 2 ** exits))
-                log.warning("proxy %d exited (%s); restarting", worker,
-                            last_error(self.host_dir / f"proxy-{worker}.log"))
-            if time.monotonic() < self._proxy_next_start.get(worker, 0):
-                continue
-            argv = [self.python, "-m", "dbplane.proxy", "--etcd", self.etcd_url,
-                    "--id", f"{self.host.name}-{worker}", "--host", self.host.name,
-                    "--address", self.host.address, "--tls-dir", str(self.tls_dir)]
-            pid = process.start(argv, pidfile, self.host_dir / f"proxy-{worker}.log",
-                                env=self.child_env(), cwd=str(self.host_dir), run_as=self.run_as)
-            log.info("started proxy %d (pid %d)", worker, pid)
+            out[f"proxy-{worker}"] = [
+                self.python, "-m", "dbplane.proxy", "--etcd", self.etcd_url,
+                "--id", f"{self.host.name}-{worker}", "--host", self.host.name,
+                "--address", self.host.address, "--tls-dir", str(self.tls_dir)]
+        if self.backup_worker:
+            out["backup"] = [self.python, "-m", "dbplane.backup", "--etcd", self.etcd_url,
+                             "--host", self.host.name]
+        return out
 
-    def stop_proxies(self) -> None:
-        for worker in range(1, self.proxy_workers + 1):
-            process.stop(self.proxy_pidfile(worker), timeout=10)
+    def ensure_services(self) -> None:
+        for name, argv in self.services().items():
+            self.keep_running(name, argv)
+
+    def stop_services(self) -> None:
+        for name in self.services():
+            process.stop(self.host_dir / f"{name}.pid", timeout=10)
 
     # -- stopping ------------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ from ..models import DatabaseSecrets, DatabaseSpec, MemberSpec
 from ..parameters import postgres_parameters
 from ..store.keys import PATRONI_NAMESPACE
 
+ARCHIVE_SLOT = "dbplane_archive"
+
 # Failure detection: the leader key lives `ttl` seconds; Patroni's minimum is 20 and it
 # needs loop_wait + 2 * retry_timeout <= ttl. Patroni's defaults are 30/10/10.
 DCS_TIMING = {"ttl": 20, "loop_wait": 2, "retry_timeout": 5}
@@ -48,6 +50,10 @@ def render(member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,
                 "synchronous_mode": spec.multi_az,
                 "synchronous_mode_strict": False,
                 "synchronous_node_count": 1,
+                # the WAL archiver's slot: Patroni creates it on the primary and keeps a
+                # copy advancing on every standby, so a new primary still holds the WAL
+                # the archive has not stored yet (backup/archiver.py)
+                "slots": {ARCHIVE_SLOT: {"type": "physical"}},
                 "postgresql": {
                     "use_pg_rewind": True,
                     "use_slots": True,

@@ -59,6 +59,14 @@ def describe_database(d: dict) -> None:
     if d.get("promoted_from"):
         console.print(f"  promoted   from read replica {d['promoted_from']['member']} of "
                       f"{d['promoted_from']['database']}")
+    archive = (d.get("backup") or {}).get("archive")
+    if d.get("backup") and not d["backup"]["settings"]["enabled"]:
+        console.print("  backups    off")
+    elif archive:
+        console.print(f"  archive    {archive['state']}, {archive['lag_bytes'] // 1024} kB / "
+                      f"{archive['lag_seconds']:.1f} s behind, archived up to "
+                      f"{archive['archived_lsn'] or '-'}"
+                      + (f" ({archive['error']})" if archive["error"] else ""), highlight=False)
     for i, change in enumerate(d.get("pending_changes") or []):
         console.print(f"  {'pending' if i == 0 else '':10} {change}", highlight=False)
     table(d["members"], [("name", "MEMBER"), ("role", "ROLE"), ("zone", "ZONE"), ("host", "HOST"),

@@ -7,7 +7,7 @@ from ..controlplane.proxy import endpoints as proxy_endpoints
 from ..controlplane.storage import used_bytes
 from ..controlplane.topology import Snapshot, endpoints, member_views
 from ..errors import NotFound
-from ..models import DatabaseSpec, PlatformConfig
+from ..models import ArchiveStatus, DatabaseSpec, PlatformConfig
 from ..store import Store, keys
 
 
@@ -23,7 +23,8 @@ async def get_spec(store: Store, name: str) -> DatabaseSpec:
 async def database_snapshot(store: Store, name: str) -> Snapshot:
     raw: dict[str, bytes] = {}
     for prefix in (f"{keys.databases()}{name}/", keys.members(name), keys.member_statuses(name),
-                   keys.patroni_scope(name), keys.hosts(), keys.proxy_ports(name), keys.config()):
+                   keys.patroni_scope(name), keys.hosts(), keys.proxy_ports(name), keys.config(),
+                   keys.archive_status(name)):
         raw.update(await store.get_prefix(prefix))
     return Snapshot(raw)
 
@@ -58,7 +59,20 @@ def describe(spec: DatabaseSpec, snap: Snapshot) -> dict:
         "members": [v.to_dict() for v in views],
         "pending_changes": pending_changes(spec, status),
         "promoted_from": spec.promoted_from.model_dump() if spec.promoted_from else None,
+        "backup": backup_view(spec, snap),
         "created_at": spec.created_at,
+    }
+
+
+def backup_view(spec: DatabaseSpec, snap: Snapshot) -> dict:
+    """Backup settings and the WAL archive's state (lag behind the primary)."""
+    raw = snap.raw.get(keys.archive_status(spec.name))
+    archive = ArchiveStatus.model_validate_json(raw) if raw else None
+    if archive is not None and archive.archive_id != spec.archive_id:
+        archive = None                      # left by an earlier database of the same name
+    return {
+        "settings": spec.backup.model_dump(),
+        "archive": archive.model_dump(exclude={"kms_key_ids", "database"}) if archive else None,
     }
 
 

@@ -15,8 +15,9 @@ import httpx
 from .. import process
 from ..agent.postgres import stop_postgres
 from ..errors import DbplaneError, InvalidInput
-from ..models import DatabaseStatus, MemberSpec, PlatformConfig
+from ..models import DatabaseStatus, MemberSpec, PlatformConfig, RepositorySpec
 from ..paths import Layout, PlatformInfo
+from ..security import kms
 from ..store import keys
 from ..store.gateway import Gateway
 from ..system import (
@@ -111,8 +112,13 @@ def _wait(check, what: str, log: Path, layout: Layout, timeout: float = START_TI
                        f"see {log}", code="start_timeout")
 
 
+def kms_runtime_file(layout: Layout) -> Path:
+    """Where `up` unseals a passphrase-sealed KMS root key; `down` removes it."""
+    return layout.run_dir / "kms-root.key"
+
+
 def up(root: Path, port_base: int | None = None, pg_bin_dir: str | None = None,
-       say=print) -> PlatformInfo:
+       say=print, kms_passphrase_file: Path | None = None) -> PlatformInfo:
     layout = Layout(root)
     os.environ.pop("DBPLANE_PG_BIN_DIR", None)
     if pg_bin_dir:
@@ -138,6 +144,9 @@ def up(root: Path, port_base: int | None = None, pg_bin_dir: str | None = None,
     os.chmod(root, 0o755)
     run_as = ensure_service_account()
     check_account_can_use(run_as, [str(root), venv_python(), info.pg_bin_dir + "/postgres"])
+    kms_root = kms.ensure_root_key(root / "kms", kms_runtime_file(layout),
+                                   owner=(run_as.uid, run_as.gid) if run_as else None,
+                                   passphrase_file=kms_passphrase_file)
     layout.write_platform(info)
     # every component uses the engine recorded at the first `up`
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -158,7 +167,10 @@ def up(root: Path, port_base: int | None = None, pg_bin_dir: str | None = None,
         if component == "etcd":
             _wait(lambda: httpx.get(f"{info.etcd_url}/health", timeout=1).json()["health"] == "true",
                   "etcd", layout.logfile("etcd"), layout)
-            _put_config(info)
+            _put_config(info, kms_root)
+            if kms.ensure_default_key(Gateway(info.etcd_url), kms_root):
+                say(f"created KMS key {kms.DEFAULT_ALIAS}")
+            _ensure_local_repository(layout, Gateway(info.etcd_url), run_as)
     _wait(lambda: httpx.get(f"{info.api_url}/healthz", timeout=1).status_code == 200,
           "the API", layout.logfile("api"), layout)
     _wait(lambda: len(httpx.get(f"{info.api_url}/v1/hosts", timeout=1).json()) >= len(ZONES),
@@ -166,10 +178,22 @@ def up(root: Path, port_base: int | None = None, pg_bin_dir: str | None = None,
     return info
 
 
-def _put_config(info: PlatformInfo) -> None:
+def _put_config(info: PlatformInfo, kms_root: Path) -> None:
     config = PlatformConfig(member_port_start=info.member_port_start,
-                            member_port_end=info.member_port_end)
+                            member_port_end=info.member_port_end, kms_root_file=str(kms_root))
     Gateway(info.etcd_url).put(keys.config(), config.model_dump_json())
+
+
+def _ensure_local_repository(layout: Layout, etcd: Gateway, run_as) -> None:
+    """The default backup repository: a directory under the data root, written by the
+    backup workers (the service account)."""
+    path = layout.root / "backups"
+    path.mkdir(mode=0o750, exist_ok=True)
+    if run_as:
+        os.chown(path, run_as.uid, run_as.gid)
+    if etcd.get(keys.repository("local")) is None:
+        etcd.put(keys.repository("local"),
+                 RepositorySpec(name="local", kind="filesystem", path=str(path)).model_dump_json())
 
 
 def pause_clusters(etcd: Gateway, timeout: float = 15.0) -> list[str]:
@@ -229,15 +253,18 @@ def down(root: Path, say=print) -> list[str]:
             stopped.append(c)
             say(f"stopped {c}")
     stopped += stop_left_behind(layout, say)
+    if kms.remove_runtime_key(kms_runtime_file(layout)):
+        say("removed the unsealed KMS root key")
     return stopped
 
 
 def stop_left_behind(layout: Layout, say=print) -> list[str]:
-    """Proxies and Patroni processes whose agent was not running to stop them (it was
-    killed): they would keep ports of this platform busy after it is gone."""
+    """Proxies, backup workers and Patroni processes whose agent was not running to stop
+    them (it was killed): they would keep ports of this platform busy after it is gone."""
     stopped = []
     hosts = layout.root / "hosts"
-    for pidfile in sorted(hosts.glob("*/proxy-*.pid")) + sorted(hosts.glob("*/members/*/patroni.pid")):
+    for pidfile in (sorted(hosts.glob("*/proxy-*.pid")) + sorted(hosts.glob("*/backup.pid"))
+                    + sorted(hosts.glob("*/members/*/patroni.pid"))):
         if process.stop(pidfile, timeout=30):
             name = f"{pidfile.parent.name}/{pidfile.stem}" if pidfile.stem != "patroni" else \
                 f"patroni of {pidfile.parent.name}"

@@ -1,0 +1,24 @@
+"""`python -m dbplane.backup`: the backup worker of one host (started by its agent)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .worker import BackupWorker
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m dbplane.backup")
+    parser.add_argument("--etcd", required=True, help="etcd URL")
+    parser.add_argument("--host", required=True, help="the host (agent) this worker belongs to")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"%(asctime)s backup-{args.host} %(levelname)s %(name)s: %(message)s")
+    asyncio.run(BackupWorker(args.etcd, args.host).run())
+
+
+if __name__ == "__main__":
+    main()

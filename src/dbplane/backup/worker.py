@@ -1,0 +1,195 @@
+"""The backup worker: one process per host, started by the agent as the service account.
+It archives the WAL of every database with backups enabled; for each database the
+workers of all hosts compete for `archive-lock/<db>` (under a lease), so exactly one
+streams and another takes over within the lease's TTL when its host dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import DbplaneError, StoreUnavailable
+from ..models import (
+    ArchiveStatus,
+    DatabaseSecrets,
+    DatabaseSpec,
+    Event,
+    MemberSpec,
+    PlatformConfig,
+    RepositorySpec,
+)
+from ..security.kms import Kms, load_kms
+from ..store import Store, keys
+from .archiver import Archiver, Target
+from .replication import ReplicationError, StreamEnded
+from .repository import open_repository
+
+log = logging.getLogger("dbplane.backup")
+
+LOCK_TTL = 10                 # s: another worker takes a database's archive over after this
+PASS_INTERVAL = 2.0
+PUBLISH_INTERVAL = 5.0        # s between archive status writes when nothing else changed
+RELEASE_AFTER_FAILURES = 3    # let another host's worker try after this many failures in a row
+
+
+class BackupWorker:
+    def __init__(self, etcd_url: str, host: str):
+        self.etcd_url = etcd_url
+        self.host = host
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="backup-io")
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.kms: Kms | None = None
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        while not self._stopping.is_set():
+            try:
+                async with Store(self.etcd_url) as store:
+                    await self._serve(store)
+            except StoreUnavailable as e:
+                log.warning("%s; retrying", e)
+                await self._sleep(2.0)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _serve(self, store: Store) -> None:
+        lease = await store.lease(LOCK_TTL)
+        changes = store.changes(keys.databases(), keys.repositories(), keys.kms_keys())
+        keepalive = asyncio.create_task(self._keep_alive(store, lease))
+        try:
+            while not self._stopping.is_set():
+                if keepalive.done():
+                    keepalive.result()
+                await self.reconcile(store, lease)
+                await changes.wait(PASS_INTERVAL)
+        finally:
+            keepalive.cancel()
+            changes.close()
+            for db, task in self.tasks.items():
+                task.cancel()
+                if await self._holds(store, db):
+                    await store.delete(keys.archive_lock(db))     # hand over at once
+            self.tasks.clear()
+
+    async def _keep_alive(self, store: Store, lease) -> None:
+        while True:
+            await asyncio.sleep(LOCK_TTL / 4)
+            await store.refresh(lease)
+
+    async def _holds(self, store: Store, db: str) -> bool:
+        raw = await store.get_raw(keys.archive_lock(db))
+        return raw is not None and raw.decode() == self.host
+
+    async def reconcile(self, store: Store, lease) -> None:
+        config = await store.get(keys.config(), PlatformConfig) or PlatformConfig()
+        if config.kms_root_file:
+            self.kms = await load_kms(store, config.kms_root_file)
+        raw = await store.get_prefix(keys.databases())
+        specs = {}
+        for key, value in raw.items():
+            if key.endswith("/spec"):
+                spec = DatabaseSpec.model_validate_json(value)
+                if spec.backup.enabled and not spec.deleting:
+                    specs[spec.name] = spec
+        for db, task in list(self.tasks.items()):
+            if db not in specs or task.done():
+                task.cancel()
+                del self.tasks[db]
+        for db in specs:
+            if db not in self.tasks:
+                self.tasks[db] = asyncio.create_task(self.archive(store, lease, db), name=f"archive-{db}")
+
+    # -- one database's archive ------------------------------------------------------------
+
+    async def archive(self, store: Store, lease, db: str) -> None:
+        failures = 0
+        while True:
+            if not await store.create(keys.archive_lock(db), self.host, lease=lease) \
+                    and not await self._holds(store, db):
+                await asyncio.sleep(PASS_INTERVAL)          # another host's worker archives it
+                continue
+            spec = await store.get(keys.database_spec(db), DatabaseSpec)
+            target = await self.target(store, db)
+            if spec is None or target is None or self.kms is None:
+                await asyncio.sleep(PASS_INTERVAL)          # not created yet, or no leader now
+                continue
+            try:
+                archiver = await self.new_archiver(store, spec)
+                await archiver.run(target)
+            except asyncio.CancelledError:
+                raise
+            except StreamEnded as e:
+                log.info("%s: %s; reconnecting", db, e)    # a switchover or shutdown
+                await asyncio.sleep(0.5)
+            except Exception as e:
+                if not isinstance(e, (ReplicationError, DbplaneError, OSError)):
+                    log.exception("%s: archiver failed", db)      # a bug: keep the traceback
+                failures += 1
+                await self.report_failure(store, spec, e, failures)
+                if failures >= RELEASE_AFTER_FAILURES and await self._holds(store, db):
+                    await store.delete(keys.archive_lock(db))   # maybe another host does better
+                    failures = 0
+                await asyncio.sleep(min(30, 2 ** failures))
+            else:
+                failures = 0
+
+    async def new_archiver(self, store: Store, spec: DatabaseSpec) -> Archiver:
+        repo_spec = await store.get(keys.repository(spec.backup.repository), RepositorySpec)
+        if repo_spec is None:
+            raise DbplaneError(f"repository {spec.backup.repository!r} does not exist",
+                               "create it or choose another with 'dbplane db modify --backup-repository'",
+                               code="repository_not_found")
+        repo = open_repository(repo_spec)
+        last = {"at": 0.0, "state": ""}
+
+        async def publish(status: ArchiveStatus) -> None:
+            if status.state != last["state"] or time.monotonic() - last["at"] >= PUBLISH_INTERVAL:
+                last.update(at=time.monotonic(), state=status.state)
+                await store.put(keys.archive_status(spec.name), status)
+
+        kms_key = spec.backup.kms_key
+        archiver = Archiver(spec.name, spec.archive_id, repo,
+                            lambda: self.kms.generate_data_key(kms_key), self.executor, publish,
+                            spec.backup.archive_timeout, self.host)
+        previous = await store.get(keys.archive_status(spec.name), ArchiveStatus)
+        if previous is not None and previous.archive_id == spec.archive_id:
+            archiver.status = archiver.status.model_copy(update={
+                "kms_key_ids": previous.kms_key_ids, "last_segment": previous.last_segment,
+                "last_archived_at": previous.last_archived_at})
+        return archiver
+
+    async def target(self, store: Store, db: str) -> Target | None:
+        leader = await store.get_raw(f"{keys.patroni_scope(db)}leader")
+        secrets = await store.get(keys.secrets(db), DatabaseSecrets)
+        if leader is None or secrets is None:
+            return None
+        member = await store.get(keys.member(db, leader.decode()), MemberSpec)
+        if member is None:
+            return None
+        return Target(member.address, member.pg_port, secrets.replication)
+
+    async def report_failure(self, store: Store, spec: DatabaseSpec, error: Exception,
+                             failures: int) -> None:
+        message = str(error) or type(error).__name__
+        log.warning("%s: archiving stopped: %s", spec.name, message)
+        status = await store.get(keys.archive_status(spec.name), ArchiveStatus) or ArchiveStatus(
+            database=spec.name, archive_id=spec.archive_id, repository=spec.backup.repository)
+        state = "reconnecting" if isinstance(error, ReplicationError) and failures < 3 else "failing"
+        if status.error != message and state == "failing":
+            event = Event(database=spec.name, kind="archive-failing",
+                          message=f"WAL archiving to {spec.backup.repository} fails: {message}")
+            await store.put(keys.event(spec.name, event.id), event)
+        await store.put(keys.archive_status(spec.name), status.model_copy(update={
+            "state": state, "error": message, "worker": self.host, "updated_at": time.time()}))
