@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from dbplane.backup.fs_repository import FilesystemRepository
 from dbplane.backup.repository import (
     TEMP_RE,
-    FilesystemRepository,
     ObjectInfo,
     ObjectMissing,
     RepositoryAccessDenied,
     RepositoryFull,
     RepositoryUnavailable,
-    S3Repository,
     open_repository,
     validate_spec,
 )
+from dbplane.backup.s3_repository import S3Repository
 from dbplane.errors import InvalidInput
 from dbplane.models import RepositorySpec
 from s3_server import SECRET_KEY, S3Server, free_port, s3_server_fixture, write_credentials

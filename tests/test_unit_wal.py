@@ -7,7 +7,7 @@ import pytest
 
 from dbplane.backup import wal
 from dbplane.backup.archiver import ResumePoint, resume_point
-from dbplane.backup.repository import FilesystemRepository
+from dbplane.backup.fs_repository import FilesystemRepository
 
 pytestmark = pytest.mark.unit
 
