@@ -77,6 +77,8 @@ class DatabaseSpec(BaseModel):
     promoted_from: PromotedFrom | None = None
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     backup: BackupSettings = Field(default_factory=lambda: BackupSettings())
+    # set on a database created by `db restore`: what its first member bootstraps from
+    restore: RestoreSource | None = None
 
     @property
     def archive_id(self) -> str:
@@ -98,6 +100,20 @@ class PromotedFrom(BaseModel):
     """The read replica whose data directory a promoted database starts from."""
     database: str
     member: str
+
+
+RestoreTarget = Literal["immediate", "time", "latest"]
+
+
+class RestoreSource(BaseModel):
+    """What a restored database starts from: a chain of base backups (a full one, then
+    incremental ones) of a source archive, and how far to replay the archived WAL."""
+    source_database: str
+    archive_id: str                  # the source's archive in the repository
+    repository: str
+    chain: list[str]                 # backup ids, full first
+    target: RestoreTarget = "immediate"   # immediate: the backup's own consistent point
+    target_time: float | None = None
 
 
 class BackupSettings(BaseModel):
@@ -301,7 +317,7 @@ class RepositorySpec(BaseModel):
 
 
 BackupKind = Literal["full", "incremental"]
-BackupState = Literal["running", "available", "failed", "expired"]
+BackupState = Literal["pending", "running", "available", "failed", "expired", "deleting"]
 
 
 class BackupRecord(BaseModel):

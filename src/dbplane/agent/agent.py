@@ -327,7 +327,7 @@ class Agent:
                 "--address", self.host.address, "--tls-dir", str(self.tls_dir)]
         if self.backup_worker:
             out["backup"] = [self.python, "-m", "dbplane.backup", "--etcd", self.etcd_url,
-                             "--host", self.host.name]
+                             "--host", self.host.name, "--bin-dir", self.bin_dir]
         return out
 
     def ensure_services(self) -> None:

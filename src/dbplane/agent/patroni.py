@@ -3,10 +3,13 @@ database spec and its secrets. Pure functions: no I/O here."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from urllib.parse import urlsplit
 
 import yaml
 
+from ..backup.restore import recovery_settings
 from ..models import DatabaseSecrets, DatabaseSpec, MemberSpec
 from ..parameters import postgres_parameters
 from ..store.keys import PATRONI_NAMESPACE
@@ -84,4 +87,16 @@ def render(member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,
             "dbplane_host": member.host,
         },
     }
+    if spec.restore is not None:
+        config["bootstrap"].update(restore_bootstrap(spec, etcd_urls, bin_dir, member_dir))
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def restore_bootstrap(spec: DatabaseSpec, etcd_urls: list[str], bin_dir: str, member_dir: str) -> dict:
+    """A restored database's first member fills its data directory from backups
+    (backup/restore.py), then PostgreSQL replays WAL to the target and is promoted."""
+    command = shlex.join([sys.executable, "-m", "dbplane.backup.restore", "--etcd", etcd_urls[0],
+                          "--database", spec.name, "--member-dir", member_dir, "--bin-dir", bin_dir])
+    return {"method": "dbplane_restore",
+            "dbplane_restore": {"command": command, "keep_existing_recovery_conf": False,
+                                "recovery_conf": recovery_settings(spec.restore, member_dir)}}

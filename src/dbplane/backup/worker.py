@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import DbplaneError, StoreUnavailable
 from ..models import (
     ArchiveStatus,
+    BackupRecord,
     DatabaseSecrets,
     DatabaseSpec,
     Event,
@@ -25,6 +26,8 @@ from ..models import (
 from ..security.kms import Kms, load_kms
 from ..store import Store, keys
 from .archiver import Archiver, Target
+from .basebackup import backup_prefix
+from .jobs import Job
 from .replication import ReplicationError, StreamEnded
 from .repository import open_repository
 
@@ -37,9 +40,12 @@ RELEASE_AFTER_FAILURES = 3    # let another host's worker try after this many fa
 
 
 class BackupWorker:
-    def __init__(self, etcd_url: str, host: str):
+    def __init__(self, etcd_url: str, host: str, bin_dir: str):
         self.etcd_url = etcd_url
         self.host = host
+        self.bin_dir = bin_dir
+        self.backup: asyncio.Task | None = None     # one base backup at a time per host
+        self.backup_id = ""
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="backup-io")
         self.tasks: dict[str, asyncio.Task] = {}
         self.kms: Kms | None = None
@@ -110,6 +116,66 @@ class BackupWorker:
         for db in specs:
             if db not in self.tasks:
                 self.tasks[db] = asyncio.create_task(self.archive(store, lease, db), name=f"archive-{db}")
+        records = await store.list(keys.backups(), BackupRecord)
+        await self.run_backups(store, records)
+        if await store.create(keys.backup_housekeeper(), self.host, lease=lease) \
+                or await store.get_raw(keys.backup_housekeeper()) == self.host.encode():
+            await self.housekeeping(store, records)
+
+    # -- base backups -------------------------------------------------------------------------
+
+    async def run_backups(self, store: Store, records: list[BackupRecord]) -> None:
+        busy = self.backup is not None and not self.backup.done()
+        for r in records:
+            if r.host == self.host and r.state == "running" and not (busy and r.id == self.backup_id):
+                r = await store.get(keys.backup(r.database, r.id), BackupRecord)
+                if r is None or r.state != "running":
+                    continue                        # it just finished
+                # ours, but nothing here runs it: this worker restarted in the middle
+                event = Event(database=r.database, kind="backup-failed",
+                              message=f"backup {r.id} was interrupted: the backup worker on "
+                                      f"{self.host} restarted")
+                await store.put(keys.event(r.database, event.id), event)
+                await store.put(keys.backup(r.database, r.id), r.model_copy(update={
+                    "state": "failed", "error": "interrupted: the backup worker restarted",
+                    "finished_at": time.time()}))
+        pending = sorted((r for r in records if r.host == self.host and r.state == "pending"),
+                         key=lambda r: r.started_at)
+        if busy or not pending or self.kms is None:
+            return
+        record = pending[0]
+        spec = await store.get(keys.database_spec(record.database), DatabaseSpec)
+        repo_spec = await store.get(keys.repository(record.repository), RepositorySpec)
+        if spec is None or repo_spec is None:
+            await store.put(keys.backup(record.database, record.id), record.model_copy(update={
+                "state": "failed", "finished_at": time.time(),
+                "error": f"database {record.database} or repository {record.repository} is gone"}))
+            return
+        job = Job(store, record, open_repository(repo_spec), self.kms, spec.backup.kms_key,
+                  self.executor, self.bin_dir, self.host)
+        self.backup_id = record.id
+        self.backup = asyncio.create_task(job.run(), name=f"backup-{record.id}")
+
+    async def housekeeping(self, store: Store, records: list[BackupRecord]) -> None:
+        """Remove snapshots being deleted and expired backups from their repository, then
+        from the catalog. One worker of the platform does it (a lease lock)."""
+        for r in records:
+            if r.state not in ("deleting", "expired"):
+                continue
+            repo_spec = await store.get(keys.repository(r.repository), RepositorySpec)
+            if repo_spec is not None:
+                repo = open_repository(repo_spec)
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.executor, repo.delete_prefix, backup_prefix(r.archive_id, r.id))
+                except DbplaneError as e:
+                    log.warning("%s: removing backup %s: %s; retrying", r.database, r.id, e)
+                    continue
+            await store.delete(keys.backup(r.database, r.id))
+            kind = "snapshot-deleted" if r.state == "deleting" else "backup-expired"
+            event = Event(database=r.database, kind=kind, message=f"{'snapshot' if r.manual else 'backup'} "
+                          f"{r.id} removed from repository {r.repository}")
+            await store.put(keys.event(r.database, event.id), event)
 
     # -- one database's archive ------------------------------------------------------------
 

@@ -4,6 +4,7 @@ and the component runners (`controller`, `api`, `agent`) run processes on this m
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import os
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, Progress, TextColumn
 
-from ..errors import DbplaneError
+from ..errors import DbplaneError, InvalidInput
 from ..parameters import parse_params
 from ..paths import Layout
 from . import render
@@ -165,6 +166,38 @@ def db_create(name: str,
         "name": name, "class": instance_class, "multi_az": multi_az, "replicas": replicas,
         "storage_gb": storage_gb, "params": parse_params(param)})
     _started(op, wait, output)
+
+
+@db_app.command("restore")
+def db_restore(name: str = typer.Argument(..., help="the new database"),
+               from_snapshot: str | None = typer.Option(None, "--from-snapshot", help="a snapshot id"),
+               source: str | None = typer.Option(None, "--from", help="restore this database ..."),
+               to_time: str | None = typer.Option(
+                   None, "--to-time", help="... as it was at this time (ISO 8601, UTC unless "
+                                           "an offset is given, e.g. 2026-11-24T03:50:00Z)"),
+               latest: bool = typer.Option(False, "--latest", help="... at its latest restorable time"),
+               instance_class: str = typer.Option("small", "--class", help="see 'dbplane classes'"),
+               multi_az: bool = typer.Option(False, "--multi-az/--no-multi-az"),
+               replicas: int = typer.Option(0, help="asynchronous read replicas"),
+               storage_gb: int = typer.Option(10, help="storage quota in GB"),
+               wait: bool = typer.Option(False, "--wait", help="wait until available"),
+               output: Output = OutputOpt):
+    """Create a database from a snapshot, or from another database's backups at a point in
+    time (see 'dbplane db describe' for its restorable window)."""
+    op = client().post("/v1/databases/restore", {
+        "name": name, "class": instance_class, "multi_az": multi_az, "replicas": replicas,
+        "storage_gb": storage_gb, "snapshot": from_snapshot, "source": source,
+        "time": parse_time(to_time) if to_time else None, "latest": latest})
+    _started(op, wait, output)
+
+
+def parse_time(text: str) -> float:
+    try:
+        t = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(f"invalid time {text!r}", "write it as ISO 8601, e.g. 2026-11-24T03:50:00Z",
+                           code="invalid_time") from None
+    return (t if t.tzinfo else t.replace(tzinfo=datetime.UTC)).timestamp()
 
 
 @db_app.command("list")

@@ -67,6 +67,10 @@ def describe_database(d: dict) -> None:
                       f"{archive['lag_seconds']:.1f} s behind, archived up to "
                       f"{archive['archived_lsn'] or '-'}"
                       + (f" ({archive['error']})" if archive["error"] else ""), highlight=False)
+    backup = d.get("backup") or {}
+    if backup.get("earliest_restorable_time"):
+        console.print(f"  restorable {when(backup['earliest_restorable_time'])} to "
+                      f"{when(backup['latest_restorable_time'])}", highlight=False)
     for i, change in enumerate(d.get("pending_changes") or []):
         console.print(f"  {'pending' if i == 0 else '':10} {change}", highlight=False)
     table(d["members"], [("name", "MEMBER"), ("role", "ROLE"), ("zone", "ZONE"), ("host", "HOST"),

@@ -115,7 +115,7 @@ class Controller:
             await operations.record_event(p.store, spec.name, "placement-failed", str(error))
             return
         for op in p.snap.operations():
-            if op.database == spec.name and op.kind == "create" and not op.done:
+            if op.database == spec.name and op.kind in ("create", "restore") and not op.done:
                 await operations.update(p.store, op, state="failed", error=error,
                                         message=f"rolled back: {error.message}")
         await p.store.put(keys.database_spec(spec.name), spec.model_copy(update={"deleting": True}))
@@ -131,7 +131,7 @@ class Controller:
             return
         spec = snap.specs().get(op.database)
         status = snap.status(op.database)
-        if op.kind == "create":
+        if op.kind in ("create", "restore"):
             if spec is None or spec.deleting:
                 if op.state != "failed":
                     await operations.update(store, op, state="failed", message="database was deleted")

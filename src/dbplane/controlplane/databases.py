@@ -13,7 +13,7 @@ from ..models import DatabaseSecrets, DatabaseSpec, DatabaseStatus, MemberSpec, 
 from ..security.scram import new_password
 from ..store import Store, keys
 from ..system import port_free
-from . import changes, operations, promote, proxy, replicas, resume, storage
+from . import backups, changes, operations, promote, proxy, replicas, resume, storage
 from .actions import Actions
 from .admin import ensure_admin_user, write_pgpass
 from .placement import allocate_ports, choose_host
@@ -72,6 +72,7 @@ async def ensure_database(p: Pass, spec: DatabaseSpec) -> None:
     await storage.ensure_storage_quota(p, spec, status)
     await changes.ensure_changes(p, spec, status)
     await observe(p, spec, status)
+    await backups.ensure_backups(p, spec)         # last: nothing of HA waits on backups
 
 
 CREATE_MAX_RESTARTS = 3
@@ -82,6 +83,10 @@ def check_creation(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
     (the controller then rolls it back) instead of retrying forever."""
     if status.ever_available:
         return
+    failed = p.snap.raw.get(keys.restore_failed(spec.name))
+    if failed is not None:
+        raise MemberFailed(failed.decode(), "restore from another snapshot or another time; the "
+                           "member's patroni.log and prefetch.log say more", code="restore_failed")
     for st in p.snap.member_statuses(spec.name).values():
         if st.reason == "patroni_exited" and st.restarts >= CREATE_MAX_RESTARTS:
             raise MemberFailed(f"{st.name} on {st.host} failed {st.restarts} times: {st.message}",
@@ -301,8 +306,12 @@ async def ensure_deleted(p: Pass, spec: DatabaseSpec) -> None:
     for prefix in (keys.members(spec.name), keys.member_statuses(spec.name),
                    keys.patroni_scope(spec.name)):
         await p.store.delete_prefix(prefix)
-    for key in (keys.secrets(spec.name), keys.database_status(spec.name)):
+    for key in (keys.secrets(spec.name), keys.database_status(spec.name),
+                keys.archive_status(spec.name), keys.restore_failed(spec.name)):
         await p.store.delete(key)
+    for b in p.snap.backups(spec.name):      # automated backups go with the database (as on RDS)
+        if not b.manual and b.state not in ("expired", "deleting"):
+            await p.store.put(keys.backup(spec.name, b.id), b.model_copy(update={"state": "expired"}))
     (p.data_root / "secrets" / f"{spec.name}.pgpass").unlink(missing_ok=True)
     await p.store.delete(keys.database_spec(spec.name))
     await operations.record_event(p.store, spec.name, "deleted", f"database {spec.name} deleted")

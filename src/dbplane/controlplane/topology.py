@@ -8,7 +8,16 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from ..models import DatabaseSpec, DatabaseStatus, Host, MemberSpec, MemberStatus, Operation
+from ..models import (
+    ArchiveStatus,
+    BackupRecord,
+    DatabaseSpec,
+    DatabaseStatus,
+    Host,
+    MemberSpec,
+    MemberStatus,
+    Operation,
+)
 from ..store import keys
 
 
@@ -48,6 +57,13 @@ class Snapshot:
 
     def operations(self) -> list[Operation]:
         return [Operation.model_validate_json(v) for v in self._under(keys.operations()).values()]
+
+    def backups(self, db: str = "") -> list[BackupRecord]:
+        return [BackupRecord.model_validate_json(v) for v in self._under(keys.backups(db)).values()]
+
+    def archive(self, db: str) -> ArchiveStatus | None:
+        raw = self.raw.get(keys.archive_status(db))
+        return ArchiveStatus.model_validate_json(raw) if raw else None
 
     def patroni(self, db: str) -> PatroniView:
         return PatroniView.parse(self._under(keys.patroni_scope(db)), keys.patroni_scope(db))

@@ -17,6 +17,7 @@ from ..errors import CapacityError, Conflict, DbplaneError, InvalidInput, NotFou
 from ..models import NAME_RE, DatabaseSpec, Event, Host, Operation
 from ..store import Store, keys
 from ..system import postgres_major_version
+from . import restore_plan
 from .ha_routes import router as ha_router
 from .kms_routes import router as kms_router
 from .proxy_routes import router as proxy_router
@@ -34,6 +35,13 @@ class CreateDatabase(BaseModel):
     params: dict[str, str] = Field(default_factory=dict)
 
     model_config = {"populate_by_name": True}
+
+
+class RestoreDatabase(CreateDatabase):
+    snapshot: str | None = None          # restore this snapshot (or automated backup) ...
+    source: str | None = None            # ... or this database at a point in time:
+    time: float | None = None            # a Unix time, or
+    latest: bool = False                 # the latest restorable time
 
 
 def create_app(etcd_url: str) -> FastAPI:
@@ -91,9 +99,7 @@ def create_app(etcd_url: str) -> FastAPI:
             out.append(summary(spec, await database_snapshot(s, spec.name)))
         return out
 
-    @app.post("/v1/databases", status_code=202)
-    async def create_database(body: CreateDatabase, request: Request):
-        s = store(request)
+    async def check_new_database(s: Store, body: CreateDatabase) -> None:
         if not NAME_RE.match(body.name):
             raise InvalidInput(f"invalid database name {body.name!r}",
                                "use 2-42 lowercase letters, digits and '-', starting with a letter",
@@ -110,21 +116,45 @@ def create_app(etcd_url: str) -> FastAPI:
                 f"Multi-AZ needs agents in two zones; only zone {', '.join(sorted(zones))} has one",
                 "start an agent in another zone ('dbplane agent --zone b ...') or pass "
                 "--no-multi-az", code="not_enough_zones")
+
+    async def create(s: Store, spec: DatabaseSpec, op: Operation, extra: dict | None = None) -> dict:
+        """Write the new database's spec, its operation (and secrets, for a restore) at once."""
+        items = {keys.database_spec(spec.name): spec, keys.operation(op.id): op, **(extra or {})}
+        if not await s.create_all(items):
+            existing = await s.get(keys.database_spec(spec.name), DatabaseSpec)
+            if existing is not None and existing.deleting:
+                raise Conflict(f"database {spec.name!r} is being deleted",
+                               "wait for the delete operation to finish, then create it again",
+                               code="database_deleting")
+            raise Conflict(f"database {spec.name!r} already exists",
+                           "choose another name, or delete it first with 'dbplane db delete'",
+                           code="database_exists")
+        return op.model_dump()
+
+    @app.post("/v1/databases", status_code=202)
+    async def create_database(body: CreateDatabase, request: Request):
+        s = store(request)
+        await check_new_database(s, body)
         spec = DatabaseSpec(name=body.name, instance_class=body.instance_class,
                             multi_az=body.multi_az, replicas=body.replicas,
                             storage_gb=body.storage_gb, params=body.params,
                             version=postgres_major_version())
         op = Operation(kind="create", database=body.name, params=body.model_dump(by_alias=True))
-        if not await s.create_all({keys.database_spec(body.name): spec, keys.operation(op.id): op}):
-            existing = await s.get(keys.database_spec(body.name), DatabaseSpec)
-            if existing is not None and existing.deleting:
-                raise Conflict(f"database {body.name!r} is being deleted",
-                               "wait for the delete operation to finish, then create it again",
-                               code="database_deleting")
-            raise Conflict(f"database {body.name!r} already exists",
-                           "choose another name, or delete it first with 'dbplane db delete'",
-                           code="database_exists")
-        return op.model_dump()
+        return await create(s, spec, op)
+
+    @app.post("/v1/databases/restore", status_code=202)
+    async def restore_database(body: RestoreDatabase, request: Request):
+        """A new database from a snapshot, or from a database's backups and archived WAL at
+        a point in time (like RDS's restore-db-instance-* calls)."""
+        s = store(request)
+        await check_new_database(s, body)
+        source, secrets = await restore_plan.plan(s, body)
+        spec = DatabaseSpec(name=body.name, instance_class=body.instance_class,
+                            multi_az=body.multi_az, replicas=body.replicas,
+                            storage_gb=body.storage_gb, params=body.params,
+                            version=postgres_major_version(), restore=source)
+        op = Operation(kind="restore", database=body.name, params=body.model_dump(by_alias=True))
+        return await create(s, spec, op, {keys.secrets(body.name): secrets})
 
     @app.get("/v1/databases/{name}")
     async def describe_database(name: str, request: Request):

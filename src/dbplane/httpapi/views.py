@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..classes import get_class
+from ..controlplane.backups import restorable_window
 from ..controlplane.proxy import endpoints as proxy_endpoints
 from ..controlplane.storage import used_bytes
 from ..controlplane.topology import Snapshot, endpoints, member_views
@@ -24,7 +25,7 @@ async def database_snapshot(store: Store, name: str) -> Snapshot:
     raw: dict[str, bytes] = {}
     for prefix in (f"{keys.databases()}{name}/", keys.members(name), keys.member_statuses(name),
                    keys.patroni_scope(name), keys.hosts(), keys.proxy_ports(name), keys.config(),
-                   keys.archive_status(name)):
+                   keys.archive_status(name), keys.backups(name)):
         raw.update(await store.get_prefix(prefix))
     return Snapshot(raw)
 
@@ -70,9 +71,12 @@ def backup_view(spec: DatabaseSpec, snap: Snapshot) -> dict:
     archive = ArchiveStatus.model_validate_json(raw) if raw else None
     if archive is not None and archive.archive_id != spec.archive_id:
         archive = None                      # left by an earlier database of the same name
+    window = restorable_window(spec, snap.backups(spec.name), archive)
     return {
         "settings": spec.backup.model_dump(),
         "archive": archive.model_dump(exclude={"kms_key_ids", "database"}) if archive else None,
+        "earliest_restorable_time": window[0] if window else None,
+        "latest_restorable_time": window[1] if window else None,
     }
 
 

@@ -22,6 +22,8 @@ clusters live under PATRONI_NAMESPACE, one scope per database.
   /dbplane/v1/backups/<db>/<id>            BackupRecord  backup worker, controller (expiry)
   /dbplane/v1/archive/<db>                 ArchiveStatus backup worker
   /dbplane/v1/archive-lock/<db>            host name     backup worker streaming WAL, under a lease
+  /dbplane/v1/backup-housekeeper           host name     backup worker removing deleted/expired backups
+  /dbplane/v1/restore-failed/<db>          message       restore bootstrap command that failed
   /dbplane/v1/kms/keys/<key-id>            KmsKey        API, controller (rotation, deletion)
   /dbplane-patroni/<db>/...                Patroni's own keys (leader, sync, members, ...)
 """
@@ -168,3 +170,11 @@ def kms_keys() -> str:
 
 def kms_key(key_id: str) -> str:
     return f"{ROOT}kms/keys/{key_id}"
+
+
+def backup_housekeeper() -> str:
+    return ROOT + "backup-housekeeper"
+
+
+def restore_failed(db: str) -> str:
+    return f"{ROOT}restore-failed/{db}"

@@ -1,0 +1,103 @@
+"""Backups and restores as a user runs them: the automated first full backup, a manual
+snapshot restored to a new database, point-in-time restore between two batches of
+writes (exactly the first batch comes back), and refusals of bad restore requests."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dbplane.models import BackupRecord
+from dbplane.store import keys
+from dbplane.store.gateway import Gateway
+from platform_helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+DB = "rs-src"
+
+
+def rows(platform, db: str, table: str = "items") -> list[str]:
+    with platform.connect(db) as c:
+        return [r[0] for r in c.execute(f"select note from {table} order by id").fetchall()]
+
+
+def insert(platform, db: str, notes: list[str]) -> None:
+    with platform.connect(db) as c:
+        c.execute("create table if not exists items (id serial primary key, note text)")
+        for n in notes:
+            c.execute("insert into items (note) values (%s)", (n,))
+
+
+def backups(platform, db: str, state: str = "available") -> list[BackupRecord]:
+    raw = Gateway(platform.info.etcd_url).get_prefix(keys.backups(db)).values()
+    return [b for b in (BackupRecord.model_validate_json(v) for v in raw) if b.state == state]
+
+
+@pytest.fixture(scope="module")
+def source(platform):
+    platform.create(DB)
+    insert(platform, DB, ["first-1", "first-2"])
+    # the first automated backup is taken as soon as the archive streams
+    wait_for(lambda: backups(platform, DB), 120, "the first automated backup")
+    return DB
+
+
+def test_describe_shows_restorable_window(platform, source):
+    d = wait_for(lambda: (b := platform.describe(source)["backup"]) and b["latest_restorable_time"] and b,
+                 30, "a restorable window")
+    assert d["earliest_restorable_time"] <= d["latest_restorable_time"] <= time.time() + 1
+    assert "restorable" in platform.cli("db", "describe", source).stdout
+
+
+def test_point_in_time_restore_returns_exactly_the_first_batch(platform, source):
+    insert(platform, source, ["batch1-a", "batch1-b"])
+    time.sleep(1.0)                      # a target time strictly between the two batches
+    target = time.time()
+    time.sleep(1.0)
+    insert(platform, source, ["batch2-a", "batch2-b"])
+    wait_for(lambda: platform.describe(source)["backup"]["latest_restorable_time"] > target + 1,
+             60, "the archive to pass the target time")
+    iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(target)) + f".{int(target % 1 * 1e6):06d}Z"
+    platform.cli("db", "restore", "rs-pitr", "--from", source, "--to-time", iso, "--class", "micro",
+                 "--wait", timeout=600)
+    assert rows(platform, "rs-pitr") == ["first-1", "first-2", "batch1-a", "batch1-b"]
+    with platform.connect("rs-pitr") as c:        # a new database: it takes writes
+        c.execute("insert into items (note) values ('after-restore')")
+    assert platform.describe("rs-pitr")["status"] == "available"
+
+
+def test_snapshot_restore(platform, source):
+    insert(platform, source, ["before-snapshot"])
+    platform.cli("snapshot", "create", source, "--id", "rs-snap-1", "--wait", timeout=300)
+    insert(platform, source, ["after-snapshot"])
+    platform.cli("db", "restore", "rs-from-snap", "--from-snapshot", "rs-snap-1", "--class", "micro",
+                 "--wait", timeout=600)
+    restored = rows(platform, "rs-from-snap")
+    assert restored[-1] == "before-snapshot" and "after-snapshot" not in restored
+
+
+def test_latest_restore_has_everything_archived(platform, source):
+    insert(platform, source, ["latest-marker"])
+    wait_for(lambda: platform.describe(source)["backup"]["archive"]["lag_bytes"] == 0, 30,
+             "the archive to catch up")
+    time.sleep(0.5)
+    platform.cli("db", "restore", "rs-latest", "--from", source, "--latest", "--class", "micro",
+                 "--wait", timeout=600)
+    assert "latest-marker" in rows(platform, "rs-latest")
+
+
+@pytest.mark.parametrize("args, code", [
+    (("--from", DB, "--to-time", "2001-01-01T00:00:00Z"), "restore_time_out_of_window"),
+    (("--from-snapshot", "rs-no-such"), "snapshot_not_found"),
+    (("--from", "rs-nothere", "--latest"), "database_not_found"),
+    ((), "invalid_restore_source"),
+    (("--from", DB), "invalid_restore_target"),
+    (("--from", DB, "--to-time", "yesterday"), "invalid_time"),
+])
+def test_bad_restore_requests_are_refused(platform, source, args, code):
+    r = platform.cli("db", "restore", "rs-bad", *args, check=False)
+    assert r.returncode == 1 and f"({code})" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+    assert platform.api.get("/v1/databases/rs-bad").status_code == 404
