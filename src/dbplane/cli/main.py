@@ -19,6 +19,7 @@ from ..errors import DbplaneError, InvalidInput
 from ..parameters import parse_params
 from ..paths import Layout
 from . import render
+from .backup_cmds import backup_app, repository_app, snapshot_app
 from .client import ApiClient, pgpass_file
 from .common import Output, OutputOpt, client, root, state
 from .kms_cmds import kms_app
@@ -35,6 +36,9 @@ app.add_typer(replica_app, name="replica")
 app.add_typer(ops_app, name="ops")
 app.add_typer(proxy_app, name="proxy")
 app.add_typer(kms_app, name="kms")
+app.add_typer(snapshot_app, name="snapshot")
+app.add_typer(backup_app, name="backup")
+app.add_typer(repository_app, name="repository")
 
 
 @app.callback()

@@ -18,6 +18,7 @@ from ..models import NAME_RE, DatabaseSpec, Event, Host, Operation
 from ..store import Store, keys
 from ..system import postgres_major_version
 from . import restore_plan
+from .backup_routes import router as backup_router
 from .ha_routes import router as ha_router
 from .kms_routes import router as kms_router
 from .proxy_routes import router as proxy_router
@@ -197,4 +198,5 @@ def create_app(etcd_url: str) -> FastAPI:
     app.include_router(ha_router)     # switchover, failover, replicas, modify
     app.include_router(proxy_router)  # proxy settings and statistics
     app.include_router(kms_router)    # KMS keys: create, rotate, disable, delete
+    app.include_router(backup_router)  # snapshots, backup settings, repositories
     return app
