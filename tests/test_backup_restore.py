@@ -37,7 +37,7 @@ def backups(platform, db: str, state: str = "available") -> list[BackupRecord]:
 
 @pytest.fixture(scope="module")
 def source(platform):
-    platform.create(DB)
+    platform.create(DB, "--multi-az")          # backups are taken from the standby
     insert(platform, DB, ["first-1", "first-2"])
     # the first automated backup is taken as soon as the archive streams
     wait_for(lambda: backups(platform, DB), 120, "the first automated backup")
@@ -86,6 +86,23 @@ def test_latest_restore_has_everything_archived(platform, source):
     platform.cli("db", "restore", "rs-latest", "--from", source, "--latest", "--class", "micro",
                  "--wait", timeout=600)
     assert "latest-marker" in rows(platform, "rs-latest")
+
+
+def test_restore_replays_across_a_failover(platform, source):
+    """The base backup is on one timeline, the target on the next: recovery follows the
+    timeline history in the archive."""
+    insert(platform, source, ["before-failover"])
+    tli = platform.member(source, "primary")["timeline"]
+    platform.cli("db", "failover", source, "--wait")
+    platform.wait_available(source)
+    insert(platform, source, ["after-failover"])
+    wait_for(lambda: (a := platform.describe(source)["backup"]["archive"])["timeline"] > tli
+             and a["lag_bytes"] == 0, 90, "the archive to follow the new timeline")
+    time.sleep(0.5)
+    platform.cli("db", "restore", "rs-after-fo", "--from", source, "--latest", "--class", "micro",
+                 "--wait", timeout=600)
+    restored = rows(platform, "rs-after-fo")
+    assert restored[-2:] == ["before-failover", "after-failover"]
 
 
 @pytest.mark.parametrize("args, code", [

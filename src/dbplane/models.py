@@ -346,6 +346,14 @@ class BackupRecord(BaseModel):
     fingerprint: dict[str, int] = Field(default_factory=dict)   # table -> rows at backup time
     error: str = ""
     copies: list[str] = Field(default_factory=list)             # repositories holding a copy
+    verified_at: float | None = None     # last verification of checksums and WAL
+    verify_error: str = ""               # what the last verification found (unusable if set)
+    verify_requested_at: float | None = None   # `dbplane backup verify` asks for another
+
+    @property
+    def usable(self) -> bool:
+        """Available, consistent and not found damaged by its last verification."""
+        return self.state == "available" and self.consistent_at is not None and not self.verify_error
 
 
 ArchiveState = Literal["starting", "streaming", "reconnecting", "failing"]

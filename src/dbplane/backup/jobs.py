@@ -21,6 +21,7 @@ from .archiver import wal_prefix
 from .basebackup import BackupFailed, Source, backup_prefix, run_pg_basebackup
 from .objects import decode, encode
 from .repository import Repository
+from .verify import verify
 from .wal import format_lsn, history_name, needed_segments, parse_history, parse_lsn
 
 log = logging.getLogger("dbplane.backup.jobs")
@@ -82,8 +83,14 @@ class Job:
         stored += await self._io(self.write, prefix + "secrets.json", secrets.model_dump_json().encode())
         await self.wait_archived(result.timeline, result.stop_lsn)
         stored += await self._io(self.copy_wal, result.timeline, result.start_lsn, result.stop_lsn)
-        done = self.record.model_copy(update={"state": "available", "finished_at": time.time(),
-                                              "consistent_at": time.time(), "stored_bytes": stored})
+        finished = time.time()
+        checked = await self._io(verify, self.repo, self.kms, self.record)
+        if not checked.ok:
+            raise BackupFailed(f"verification failed: {'; '.join(checked.problems[:3])}",
+                               "the repository may be damaged; see 'dbplane backup describe'")
+        done = self.record.model_copy(update={"state": "available", "finished_at": finished,
+                                              "consistent_at": finished, "stored_bytes": stored,
+                                              "verified_at": time.time()})
         await self._io(self.write, prefix + "backup.json", done.model_dump_json().encode())
         self.record = done
         await self.store.put(keys.backup(r.database, r.id), done)

@@ -1,10 +1,11 @@
-"""WAL prefetcher of a restore: PostgreSQL's restore_command (a tiny shell script, no
-Python start per segment) asks for a file by creating `want.<name>` in a spool
-directory; this daemon answers with the decrypted file, `<name>.none` when the archive
-has no such file, or `<name>.error` (the script then stops recovery: a corrupt or
-unreadable segment must never end a restore early as if the WAL ended there). It reads
-ahead: the segments after the last one asked for are fetched in parallel before
-recovery asks. It exits when recovery has asked for nothing for a while.
+"""WAL prefetcher of a restore. PostgreSQL's restore_command (a tiny shell script, no
+Python start per segment) asks for a file by creating `want.<name>.<pid>` in a spool
+directory (one file per request: recovery may ask for the same file again at once). This
+daemon answers with the decrypted file, with `<name>.none` when the repository has no such
+file, or with `<name>.error` (the script then stops recovery: a corrupt or unreadable
+segment must never end a restore early as if the WAL ended there). It reads ahead: the
+segments after the last one asked for are fetched in parallel before recovery asks. It
+exits when recovery has asked for nothing for a while.
 
   python -m dbplane.backup.prefetch PLAN.json
 """
@@ -40,12 +41,12 @@ SCRIPT = """#!/bin/sh
 # restore_command of a database being restored by dbplane: hands recovery the WAL file the
 # prefetcher fetched (exit 0), says there is none (exit 1), or stops recovery (exit 255).
 spool='@SPOOL@'
-f="$1"; p="$2"
-: > "$spool/want.$f"
+f="$1"; p="$2"; want="$spool/want.$f.$$"
+: > "$want"
 n=0
 while [ $n -lt 12000 ]; do
-  if [ -f "$spool/$f" ]; then mv -f "$spool/$f" "$p" && rm -f "$spool/want.$f"; exit $?; fi
-  if [ -f "$spool/$f.none" ]; then rm -f "$spool/want.$f" "$spool/$f.none"; exit 1; fi
+  if [ -f "$spool/$f" ]; then mv -f "$spool/$f" "$p" && rm -f "$want"; exit $?; fi
+  if [ -f "$spool/$f.none" ]; then rm -f "$want" "$spool/$f.none"; exit 1; fi
   if [ -f "$spool/$f.error" ]; then cat "$spool/$f.error" >&2; exit 255; fi
   sleep 0.05; n=$((n+1))
 done
@@ -71,7 +72,7 @@ class Prefetcher:
         self.index: dict[str, str] = {}       # file name -> object key
         self.listed_at = 0.0
         self.fetches: dict[str, Future] = {}  # file name -> fetch in progress or done
-        self.answered: set[str] = set()
+        self.answered: set[str] = set()       # request files answered (the script removes them)
 
     def refresh(self) -> None:
         index: dict[str, str] = {}
@@ -118,6 +119,7 @@ class Prefetcher:
         future = self.start(name)
         if future is None:
             (self.spool / f"{name}.none").touch()
+            log.info("%s: not in the repository", name)
             return True
         if not future.done():
             return False
@@ -126,6 +128,7 @@ class Prefetcher:
             (self.spool / f"{name}.error").write_text(f"dbplane: cannot fetch WAL file {name}: {error}\n")
             log.error("fetching %s: %s", name, error)
             return True
+        log.info("%s: fetched", name)
         if SEGMENT_RE.match(name):
             self.read_ahead(name)
         return True
@@ -137,17 +140,16 @@ class Prefetcher:
 
     def run(self) -> None:
         self.refresh()
+        log.info("serving WAL from %s (%d files) into %s", ", ".join(self.plan.sources),
+                 len(self.index), self.spool)
         last_request = time.monotonic()
         while time.monotonic() - last_request < IDLE_EXIT:
-            pending = [p.name[5:] for p in self.spool.glob("want.*")]
-            for name in pending:
-                if name in self.answered:
-                    continue
+            requests = {p.name for p in self.spool.glob("want.*")}
+            for request in requests - self.answered:
                 last_request = time.monotonic()
-                if self.answer(name):
-                    self.answered.add(name)
-            # a name asked for again (after a .none) gets a fresh answer
-            self.answered &= set(pending)
+                if self.answer(request[5:].rsplit(".", 1)[0]):
+                    self.answered.add(request)
+            self.answered &= requests
             time.sleep(0.02)
         log.info("no WAL requested for %.0f s: the restore is over", IDLE_EXIT)
         self.pool.shutdown(cancel_futures=True)

@@ -100,10 +100,11 @@ def recovery_settings(source: RestoreSource, member_dir: str) -> dict:
 
 
 def wal_sources(source: RestoreSource) -> list[str]:
-    """Where recovery's WAL comes from, first match wins: the newest backup's own copy,
-    then (to replay past it) the source's archive."""
+    """Where recovery's WAL comes from, first match wins: the backup's own copy for its
+    consistent point; to replay further, the source's archive first (the backup's copy of
+    the last segment is a partial one from when the backup ended)."""
     tip = backup_prefix(source.archive_id, source.chain[-1]) + "wal/"
-    return [tip] if source.target == "immediate" else [tip, wal_prefix(source.archive_id)]
+    return [tip] if source.target == "immediate" else [wal_prefix(source.archive_id), tip]
 
 
 async def load(etcd: str, database: str):

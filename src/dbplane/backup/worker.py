@@ -26,7 +26,7 @@ from ..models import (
 from ..security.kms import Kms, load_kms
 from ..store import Store, keys
 from .archiver import Archiver, Target
-from .basebackup import backup_prefix
+from .housekeeping import Housekeeper
 from .jobs import Job
 from .replication import ReplicationError, StreamEnded
 from .repository import open_repository
@@ -47,6 +47,7 @@ class BackupWorker:
         self.backup: asyncio.Task | None = None     # one base backup at a time per host
         self.backup_id = ""
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="backup-io")
+        self.housekeeper = Housekeeper(self.executor)
         self.tasks: dict[str, asyncio.Task] = {}
         self.kms: Kms | None = None
         self._stopping = asyncio.Event()
@@ -118,9 +119,10 @@ class BackupWorker:
                 self.tasks[db] = asyncio.create_task(self.archive(store, lease, db), name=f"archive-{db}")
         records = await store.list(keys.backups(), BackupRecord)
         await self.run_backups(store, records)
-        if await store.create(keys.backup_housekeeper(), self.host, lease=lease) \
-                or await store.get_raw(keys.backup_housekeeper()) == self.host.encode():
-            await self.housekeeping(store, records)
+        if self.kms is not None and (
+                await store.create(keys.backup_housekeeper(), self.host, lease=lease)
+                or await store.get_raw(keys.backup_housekeeper()) == self.host.encode()):
+            await self.housekeeper.run(store, records, specs, self.kms)
 
     # -- base backups -------------------------------------------------------------------------
 
@@ -155,27 +157,6 @@ class BackupWorker:
                   self.executor, self.bin_dir, self.host)
         self.backup_id = record.id
         self.backup = asyncio.create_task(job.run(), name=f"backup-{record.id}")
-
-    async def housekeeping(self, store: Store, records: list[BackupRecord]) -> None:
-        """Remove snapshots being deleted and expired backups from their repository, then
-        from the catalog. One worker of the platform does it (a lease lock)."""
-        for r in records:
-            if r.state not in ("deleting", "expired"):
-                continue
-            repo_spec = await store.get(keys.repository(r.repository), RepositorySpec)
-            if repo_spec is not None:
-                repo = open_repository(repo_spec)
-                try:
-                    await asyncio.get_running_loop().run_in_executor(
-                        self.executor, repo.delete_prefix, backup_prefix(r.archive_id, r.id))
-                except DbplaneError as e:
-                    log.warning("%s: removing backup %s: %s; retrying", r.database, r.id, e)
-                    continue
-            await store.delete(keys.backup(r.database, r.id))
-            kind = "snapshot-deleted" if r.state == "deleting" else "backup-expired"
-            event = Event(database=r.database, kind=kind, message=f"{'snapshot' if r.manual else 'backup'} "
-                          f"{r.id} removed from repository {r.repository}")
-            await store.put(keys.event(r.database, event.id), event)
 
     # -- one database's archive ------------------------------------------------------------
 

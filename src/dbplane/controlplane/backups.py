@@ -148,9 +148,9 @@ async def _watch_assignment(p: Pass, spec: DatabaseSpec, b: BackupRecord, live: 
 def restorable_window(spec: DatabaseSpec, backups: list[BackupRecord],
                       archive: ArchiveStatus | None) -> tuple[float, float] | None:
     """(earliest, latest) time a point-in-time restore of the database can target: from
-    the first backup's consistent point to the last WAL the archive holds."""
-    mine = [b for b in backups if b.archive_id == spec.archive_id and b.state == "available"
-            and b.consistent_at is not None]
+    the first automated backup's consistent point to the last WAL the archive holds
+    (archived WAL is kept for automated backups; snapshots restore to their own point)."""
+    mine = [b for b in backups if b.archive_id == spec.archive_id and b.usable and not b.manual]
     if not mine:
         return None
     earliest = min(b.consistent_at for b in mine)
@@ -164,15 +164,14 @@ def restorable_window(spec: DatabaseSpec, backups: list[BackupRecord],
 
 
 def base_for(backups: list[BackupRecord], archive_id: str, at: float | None) -> list[BackupRecord]:
-    """The chain (full first) of the newest backup consistent at or before `at` (None:
-    the newest of all)."""
-    usable = sorted((b for b in backups if b.archive_id == archive_id and b.state == "available"
-                     and b.consistent_at is not None and (at is None or b.consistent_at <= at)),
-                    key=lambda b: b.consistent_at)
-    if not usable:
+    """The chain (full first) of the newest automated backup consistent at or before `at`
+    (None: the newest of all)."""
+    candidates = sorted((b for b in backups if b.archive_id == archive_id and b.usable and not b.manual
+                         and (at is None or b.consistent_at <= at)), key=lambda b: b.consistent_at)
+    if not candidates:
         return []
-    by_id = {b.id: b for b in backups if b.state == "available"}
-    chain = [usable[-1]]
+    by_id = {b.id: b for b in backups if b.usable}
+    chain = [candidates[-1]]
     while chain[0].kind == "incremental":
         parent = by_id.get(chain[0].parent)
         if parent is None:

@@ -50,6 +50,9 @@ def from_snapshot(snapshot_id: str, backups: list[BackupRecord]) -> RestoreSourc
     if record.state != "available":
         raise Conflict(f"snapshot {snapshot_id} is {record.state}",
                        "restore a snapshot whose state is available", code="snapshot_not_available")
+    if record.verify_error:
+        raise Conflict(f"snapshot {snapshot_id} failed verification: {record.verify_error}",
+                       "restore another snapshot", code="snapshot_damaged")
     chain = _chain_to(record, backups)
     return RestoreSource(source_database=record.database, archive_id=record.archive_id,
                          repository=record.repository, chain=[b.id for b in chain], target="immediate")
