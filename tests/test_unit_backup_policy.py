@@ -74,6 +74,9 @@ def test_expiry_keeps_the_full_backup_the_retention_period_starts_from():
     snap = rec("s0", NOW - 10 * DAY, manual=True)
     assert [b.id for b in expired(s, [f0, i0, f1, f2, snap], NOW)] == ["f0", "i0"]
     assert expired(s, [f2], NOW) == []                        # nothing older than the period
+    # an incremental backup built on an expiring one goes with it, whenever it was taken
+    late = rec("i9", NOW - 0.1 * DAY, kind="incremental", parent="f0")
+    assert "i9" in [b.id for b in expired(s, [f0, i0, f1, f2, late], NOW)]
 
 
 def test_restorable_window_and_chain():

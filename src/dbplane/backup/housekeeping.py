@@ -63,6 +63,7 @@ class Housekeeper:
         if repo is not None:
             await self._io(repo.delete_prefix, backup_prefix(r.archive_id, r.id))
         await store.delete(keys.backup(r.database, r.id))
+        self.wal_checked.pop(r.archive_id, None)       # the WAL it needed may go now too
         kind = "snapshot-deleted" if r.state == "deleting" else "backup-expired"
         await event(store, r.database, kind,
                     f"{'snapshot' if r.manual else 'backup'} {r.id} removed from repository {r.repository}")

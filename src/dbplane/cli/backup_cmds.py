@@ -197,6 +197,34 @@ def backup_describe(database: str = typer.Argument(..., metavar="DB"), output: O
     _show_backup(client().get(f"/v1/databases/{_id(database)}/backup"), output)
 
 
+@backup_app.command("verify")
+def backup_verify(snapshot_id: str = typer.Argument(..., metavar="ID", help="a snapshot or automated backup"),
+                  wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for the result"),
+                  timeout: float = typer.Option(3600.0, "--timeout", help="seconds --wait waits"),
+                  output: Output = OutputOpt):
+    """Check a stored backup without restoring it: every file against the SHA-256 in its
+    manifest, and the WAL it needs. Exits 1 if it is damaged."""
+    c = client()
+    s = c.post(f"/v1/snapshots/{_id(snapshot_id)}/verify", {})
+    asked = s["verify_requested_at"]
+    deadline = time.monotonic() + timeout
+    while wait and (s.get("verified_at") or 0) < asked:
+        if time.monotonic() > deadline:
+            raise DbplaneError(f"verification of {snapshot_id} not done after {timeout:.0f}s",
+                               f"follow it with 'dbplane snapshot describe {snapshot_id}'", code="timeout")
+        time.sleep(0.5)
+        s = c.get(f"/v1/snapshots/{_id(snapshot_id)}")
+    if output == Output.json:
+        render.as_json(s)
+    elif wait:
+        render.console.print(f"{s['id']}: " + (f"damaged: {s['verify_error']}" if s["verify_error"]
+                                                else "intact (checksums and WAL verified)"),
+                             highlight=False, markup=False)
+    if wait and s["verify_error"]:
+        raise DbplaneError(f"backup {s['id']} is damaged: {s['verify_error']}",
+                           "restore from another backup; take a new snapshot", code="backup_corrupt")
+
+
 @backup_app.command("modify")
 def backup_modify(database: str = typer.Argument(..., metavar="DB"),
                   retention_days: int | None = typer.Option(

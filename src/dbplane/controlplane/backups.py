@@ -75,15 +75,21 @@ def due_backup(spec: DatabaseSpec, backups: list[BackupRecord], at: float,
 def expired(spec: DatabaseSpec, backups: list[BackupRecord], at: float) -> list[BackupRecord]:
     """Automated backups older than the retention period that no restore inside the
     period needs: everything before the newest full backup finished before the period
-    began (that one stays: restores to the start of the period replay from it)."""
+    began (that one stays: restores to the start of the period replay from it), and every
+    incremental backup built on one of those."""
     start = at - spec.backup.retention_days * DAY
     auto = sorted((b for b in backups if not b.manual and b.state == "available"),
                   key=lambda b: b.started_at)
     anchors = [b for b in auto if b.kind == "full" and (b.finished_at or at) <= start]
     if not anchors:
         return []
-    anchor = anchors[-1]
-    return [b for b in auto if b.started_at < anchor.started_at]
+    gone = {b.id for b in auto if b.started_at < anchors[-1].started_at}
+    grew = True
+    while grew:
+        more = {b.id for b in auto if b.kind == "incremental" and b.parent in gone} - gone
+        gone |= more
+        grew = bool(more)
+    return [b for b in auto if b.id in gone]
 
 
 def choose_source(p: Pass, spec: DatabaseSpec) -> tuple[str, str] | None:

@@ -18,6 +18,7 @@ import asyncio
 import os
 import re
 import stat
+import time
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Query, Request
@@ -160,6 +161,20 @@ async def delete_snapshot(snapshot_id: str, request: Request):
     if record.state != "deleting":
         record = record.model_copy(update={"state": "deleting"})
         await s.put(keys.backup(record.database, record.id), record)
+    return snapshot_view(record)
+
+
+@router.post("/v1/snapshots/{snapshot_id}/verify", status_code=202)
+async def verify_snapshot(snapshot_id: str, request: Request):
+    """Ask for a verification of a backup's checksums and WAL; the housekeeping backup
+    worker runs it and records verified_at and verify_error."""
+    s = _store(request)
+    record = await _find_snapshot(s, snapshot_id)
+    if record.state != "available":
+        raise Conflict(f"{snapshot_id} is {record.state}", "only available backups can be verified",
+                       code="snapshot_not_available")
+    record = record.model_copy(update={"verify_requested_at": time.time()})
+    await s.put(keys.backup(record.database, record.id), record)
     return snapshot_view(record)
 
 
