@@ -158,3 +158,15 @@ def test_killed_backup_worker_is_replaced_without_gap(platform, archived):
     name, end, tli = switch_wal(platform, DB)
     archived.wait_for(name, timeout=90)
     archived.assert_no_gap(end - 1, tli)
+
+
+def test_backups_off_at_create_then_on(platform):
+    platform.cli("db", "create", "ar-off", "--class", "micro", "--no-backups", "--wait")
+    d = platform.describe("ar-off")
+    assert d["backup"]["settings"]["enabled"] is False and d["backup"]["archive"] is None
+    assert "backups    off" in platform.cli("db", "describe", "ar-off").stdout
+    r = platform.cli("snapshot", "create", "ar-off", check=False)
+    assert r.returncode == 1 and "(backups_disabled)" in r.stderr
+    platform.cli("backup", "modify", "ar-off", "--enable")
+    wait_for(lambda: (a := platform.describe("ar-off")["backup"]["archive"]) and a["state"] == "streaming",
+             60, "the archive to start once backups are on")

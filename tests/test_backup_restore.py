@@ -78,6 +78,19 @@ def test_snapshot_restore(platform, source):
     assert restored[-1] == "before-snapshot" and "after-snapshot" not in restored
 
 
+def test_delete_with_final_snapshot_keeps_a_restorable_snapshot(platform, source):
+    platform.cli("db", "delete", "rs-from-snap", "--final-snapshot", "rs-final", "--wait", timeout=300)
+    assert platform.api.get("/v1/databases/rs-from-snap").status_code == 404
+    final = platform.cli_json("snapshot", "describe", "rs-final")
+    assert final["state"] == "available" and final["type"] == "manual" and final["database"] == "rs-from-snap"
+    # automated backups go with the database; the snapshot stays
+    wait_for(lambda: [s["id"] for s in platform.cli_json("snapshot", "list", "--database", "rs-from-snap")]
+             == ["rs-final"], 60, "only the final snapshot to be left")
+    platform.cli("db", "restore", "rs-after-delete", "--from-snapshot", "rs-final", "--class", "micro",
+                 "--wait", timeout=600)
+    assert rows(platform, "rs-after-delete")[-1] == "before-snapshot"
+
+
 def test_latest_restore_has_everything_archived(platform, source):
     insert(platform, source, ["latest-marker"])
     wait_for(lambda: platform.describe(source)["backup"]["archive"]["lag_bytes"] == 0, 30,

@@ -79,6 +79,8 @@ class DatabaseSpec(BaseModel):
     backup: BackupSettings = Field(default_factory=lambda: BackupSettings())
     # set on a database created by `db restore`: what its first member bootstraps from
     restore: RestoreSource | None = None
+    # `db delete --final-snapshot ID`: the snapshot taken before the members go
+    final_snapshot: str = ""
 
     @property
     def archive_id(self) -> str:
@@ -112,7 +114,7 @@ class RestoreSource(BaseModel):
     archive_id: str                  # the source's archive in the repository
     repository: str
     chain: list[str]                 # backup ids, full first
-    target: RestoreTarget = "immediate"   # immediate: the backup's own consistent point
+    target: RestoreTarget = "immediate"   # immediate: the WAL stored with the backup, to its end
     target_time: float | None = None
 
 

@@ -87,16 +87,16 @@ def restore_data(repo: Repository, kms: Kms, source: RestoreSource, data_dir: Pa
 
 
 def recovery_settings(source: RestoreSource, member_dir: str) -> dict:
-    """Patroni's recovery_conf for the restore bootstrap (agent/patroni.py)."""
+    """Patroni's recovery_conf for the restore bootstrap (agent/patroni.py). A snapshot
+    replays the WAL stored with it to its end (at least the backup's consistent point: a
+    recovery_target of 'immediate' would fail when that WAL ends right there); a point in
+    time replays the archive to the target."""
     conf = {"restore_command": f"/bin/sh {member_dir}/restore-wal.sh %f %p",
             "recovery_target_action": "promote",
             "recovery_target_timeline": "current" if source.target == "immediate" else "latest"}
-    if source.target == "immediate":
-        conf["recovery_target"] = "immediate"
-    elif source.target == "time" and source.target_time is not None:
+    if source.target == "time" and source.target_time is not None:
         conf["recovery_target_time"] = datetime.fromtimestamp(source.target_time, UTC).isoformat()
     return conf
-
 
 
 def wal_sources(source: RestoreSource) -> list[str]:

@@ -108,7 +108,8 @@ class BackupWorker:
         for key, value in raw.items():
             if key.endswith("/spec"):
                 spec = DatabaseSpec.model_validate_json(value)
-                if spec.backup.enabled and not spec.deleting:
+                # a database being deleted keeps its archive until its final snapshot is done
+                if spec.backup.enabled and (not spec.deleting or spec.final_snapshot):
                     specs[spec.name] = spec
         for db, task in list(self.tasks.items()):
             if db not in specs or task.done():

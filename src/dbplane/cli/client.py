@@ -50,8 +50,8 @@ class ApiClient:
     def patch(self, path: str, body: dict):
         return self.request("PATCH", path, json=body)
 
-    def delete(self, path: str):
-        return self.request("DELETE", path)
+    def delete(self, path: str, **params):
+        return self.request("DELETE", path, params={k: v for k, v in params.items() if v is not None})
 
 
 def pgpass_file(data_dir: str | None, db: str) -> Path:

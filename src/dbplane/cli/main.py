@@ -163,12 +163,16 @@ def db_create(name: str,
               replicas: int = typer.Option(0, help="asynchronous read replicas"),
               storage_gb: int = typer.Option(10, help="storage quota in GB"),
               param: list[str] = typer.Option([], "--param", help="PostgreSQL setting k=v"),
+              backups: bool = typer.Option(True, "--backups/--no-backups",
+                                           help="continuous WAL archive and automated backups"),
+              backup_retention_days: int = typer.Option(7, help="days automated backups are kept (1-35)"),
               wait: bool = typer.Option(False, "--wait", help="wait until available"),
               output: Output = OutputOpt):
     """Create a database."""
     op = client().post("/v1/databases", {
         "name": name, "class": instance_class, "multi_az": multi_az, "replicas": replicas,
-        "storage_gb": storage_gb, "params": parse_params(param)})
+        "storage_gb": storage_gb, "params": parse_params(param), "backups": backups,
+        "backup_retention_days": backup_retention_days})
     _started(op, wait, output)
 
 
@@ -184,13 +188,15 @@ def db_restore(name: str = typer.Argument(..., help="the new database"),
                multi_az: bool = typer.Option(False, "--multi-az/--no-multi-az"),
                replicas: int = typer.Option(0, help="asynchronous read replicas"),
                storage_gb: int = typer.Option(10, help="storage quota in GB"),
+               backups: bool = typer.Option(True, "--backups/--no-backups",
+                                            help="continuous WAL archive and automated backups"),
                wait: bool = typer.Option(False, "--wait", help="wait until available"),
                output: Output = OutputOpt):
     """Create a database from a snapshot, or from another database's backups at a point in
     time (see 'dbplane db describe' for its restorable window)."""
     op = client().post("/v1/databases/restore", {
         "name": name, "class": instance_class, "multi_az": multi_az, "replicas": replicas,
-        "storage_gb": storage_gb, "snapshot": from_snapshot, "source": source,
+        "storage_gb": storage_gb, "snapshot": from_snapshot, "source": source, "backups": backups,
         "time": parse_time(to_time) if to_time else None, "latest": latest})
     _started(op, wait, output)
 
@@ -269,9 +275,13 @@ def db_modify(name: str,
 
 
 @db_app.command("delete")
-def db_delete(name: str, wait: bool = typer.Option(False, "--wait"), output: Output = OutputOpt):
-    """Delete a database and all its members' data."""
-    _started(client().delete(f"/v1/databases/{name}"), wait, output)
+def db_delete(name: str,
+              final_snapshot: str | None = typer.Option(
+                  None, "--final-snapshot", help="take this snapshot first; it is kept until you delete it"),
+              wait: bool = typer.Option(False, "--wait"), output: Output = OutputOpt):
+    """Delete a database and all its members' data (automated backups go with it;
+    snapshots stay)."""
+    _started(client().delete(f"/v1/databases/{name}", final_snapshot=final_snapshot), wait, output)
 
 
 def libpq_url(d: dict, reader: bool) -> str:

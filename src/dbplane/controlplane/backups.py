@@ -12,10 +12,12 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from ..errors import DbplaneError
 from ..models import ArchiveStatus, BackupRecord, DatabaseSpec
 from ..parameters import engine_parameters
 from ..store import keys
 from .operations import record_event
+from .operations import update as update_operation
 from .topology import member_views
 
 if TYPE_CHECKING:
@@ -109,11 +111,9 @@ async def ensure_backups(p: Pass, spec: DatabaseSpec) -> None:
     status = p.snap.status(spec.name)
     if status is None or not status.ever_available:
         return
+    await ensure_assigned(p, spec)
     now = time.time()
     backups = p.snap.backups(spec.name)
-    live = {h.name for h in p.snap.hosts()}
-    for b in backups:
-        await _watch_assignment(p, spec, b, live, now)
     if not spec.backup.enabled:
         return
     archive = p.snap.archive(spec.name)
@@ -133,6 +133,42 @@ async def ensure_backups(p: Pass, spec: DatabaseSpec) -> None:
                     key=lambda b: b.started_at)
     for b in failed[:-KEEP_FAILED]:
         await p.store.delete(keys.backup(spec.name, b.id))   # its files were removed on failure
+
+
+async def ensure_assigned(p: Pass, spec: DatabaseSpec) -> None:
+    live = {h.name for h in p.snap.hosts()}
+    for b in p.snap.backups(spec.name):
+        await _watch_assignment(p, spec, b, live, time.time())
+
+
+async def ensure_final_snapshot(p: Pass, spec: DatabaseSpec) -> bool:
+    """Before a database with a final snapshot is deleted, the snapshot must be available.
+    True when the delete may go on. If it fails, the delete is called off (the database
+    stays, as asked for, with its data)."""
+    if not spec.final_snapshot:
+        return True
+    record = next((b for b in p.snap.backups(spec.name) if b.id == spec.final_snapshot), None)
+    if record is not None and record.state == "available":
+        return True
+    if record is not None and record.state in ("pending", "running"):
+        await ensure_assigned(p, spec)
+        status = p.snap.status(spec.name)
+        msg = f"taking the final snapshot {spec.final_snapshot} before deleting"
+        if status is not None and status.message != msg:
+            await p.store.put(keys.database_status(spec.name), status.model_copy(update={"message": msg}))
+        return False
+    why = record.error if record is not None else "its record is gone"
+    for op in p.snap.operations():
+        if op.database == spec.name and op.kind == "delete" and not op.done:
+            await update_operation(p.store, op, state="failed", error=DbplaneError(
+                f"final snapshot {spec.final_snapshot} failed: {why}; the database was not deleted",
+                "fix the cause, then delete again (or without --final-snapshot)",
+                code="final_snapshot_failed"), message="the final snapshot failed")
+    await record_event(p.store, spec.name, "delete-called-off",
+                       f"final snapshot {spec.final_snapshot} failed ({why}): the database was not deleted")
+    await p.store.put(keys.database_spec(spec.name), spec.model_copy(update={
+        "deleting": False, "final_snapshot": "", "generation": spec.generation + 1}))
+    return False
 
 
 async def _watch_assignment(p: Pass, spec: DatabaseSpec, b: BackupRecord, live: set[str],

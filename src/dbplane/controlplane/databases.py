@@ -281,6 +281,8 @@ def primary_change_cause(p: Pass, db: str, new_primary: str) -> tuple[str, str]:
 
 async def ensure_deleted(p: Pass, spec: DatabaseSpec) -> None:
     """Stop and remove every member, then every key of the database."""
+    if not await backups.ensure_final_snapshot(p, spec):
+        return
     members = p.snap.members(spec.name)
     statuses = p.snap.member_statuses(spec.name)
     hosts = {h.name for h in p.snap.hosts()}

@@ -14,10 +14,11 @@ from pydantic import BaseModel, Field
 from .. import __version__, parameters
 from ..classes import CLASSES, get_class
 from ..errors import CapacityError, Conflict, DbplaneError, InvalidInput, NotFound
-from ..models import NAME_RE, DatabaseSpec, Event, Host, Operation
+from ..models import NAME_RE, BackupSettings, DatabaseSpec, DatabaseStatus, Event, Host, Operation
 from ..store import Store, keys
 from ..system import postgres_major_version
 from . import restore_plan
+from .backup_routes import new_snapshot
 from .backup_routes import router as backup_router
 from .ha_routes import router as ha_router
 from .kms_routes import router as kms_router
@@ -34,6 +35,8 @@ class CreateDatabase(BaseModel):
     replicas: int = Field(0, ge=0, le=5)
     storage_gb: int = Field(10, ge=1, le=65536)
     params: dict[str, str] = Field(default_factory=dict)
+    backups: bool = True
+    backup_retention_days: int = Field(7, ge=1, le=35)
 
     model_config = {"populate_by_name": True}
 
@@ -139,7 +142,9 @@ def create_app(etcd_url: str) -> FastAPI:
         spec = DatabaseSpec(name=body.name, instance_class=body.instance_class,
                             multi_az=body.multi_az, replicas=body.replicas,
                             storage_gb=body.storage_gb, params=body.params,
-                            version=postgres_major_version())
+                            version=postgres_major_version(),
+                            backup=BackupSettings(enabled=body.backups,
+                                                  retention_days=body.backup_retention_days))
         op = Operation(kind="create", database=body.name, params=body.model_dump(by_alias=True))
         return await create(s, spec, op)
 
@@ -153,7 +158,9 @@ def create_app(etcd_url: str) -> FastAPI:
         spec = DatabaseSpec(name=body.name, instance_class=body.instance_class,
                             multi_az=body.multi_az, replicas=body.replicas,
                             storage_gb=body.storage_gb, params=body.params,
-                            version=postgres_major_version(), restore=source)
+                            version=postgres_major_version(), restore=source,
+                            backup=BackupSettings(enabled=body.backups,
+                                                  retention_days=body.backup_retention_days))
         op = Operation(kind="restore", database=body.name, params=body.model_dump(by_alias=True))
         return await create(s, spec, op, {keys.secrets(body.name): secrets})
 
@@ -164,14 +171,23 @@ def create_app(etcd_url: str) -> FastAPI:
         return describe(spec, await database_snapshot(s, name))
 
     @app.delete("/v1/databases/{name}", status_code=202)
-    async def delete_database(name: str, request: Request):
+    async def delete_database(name: str, request: Request, final_snapshot: str | None = None):
+        """Delete the database; with final_snapshot, take that snapshot first (kept until
+        deleted, like RDS's final DB snapshot)."""
         s = store(request)
         spec = await get_spec(s, name)
-        op = Operation(kind="delete", database=name)
+        op = Operation(kind="delete", database=name, params={"final_snapshot": final_snapshot})
+        if final_snapshot and not spec.deleting:
+            status = await s.get(keys.database_status(name), DatabaseStatus)
+            if status is None or not status.ever_available:
+                raise Conflict(f"database {name} never became available: there is nothing to snapshot",
+                               "delete it without --final-snapshot", code="database_not_available")
+            await new_snapshot(s, spec, final_snapshot)
         await s.put(keys.operation(op.id), op)
         if not spec.deleting:
-            await s.put(keys.database_spec(name),
-                        spec.model_copy(update={"deleting": True, "generation": spec.generation + 1}))
+            await s.put(keys.database_spec(name), spec.model_copy(update={
+                "deleting": True, "generation": spec.generation + 1,
+                "final_snapshot": final_snapshot or ""}))
         return op.model_dump()
 
     @app.get("/v1/operations")

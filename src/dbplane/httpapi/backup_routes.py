@@ -100,6 +100,22 @@ def _exists(snapshot_id: str) -> Conflict:
                     code="snapshot_exists")
 
 
+async def new_snapshot(s: Store, spec: DatabaseSpec, snapshot_id: str) -> BackupRecord:
+    """Write a pending manual snapshot of the database (the controller gives it a host)."""
+    _check_snapshot_id(snapshot_id)
+    if not spec.backup.enabled:
+        raise Conflict(f"backups are off for {spec.name}: a snapshot needs its WAL archive",
+                       f"turn them on with 'dbplane backup modify {spec.name} --enable'",
+                       code="backups_disabled")
+    if any(b.id == snapshot_id for b in await s.list(keys.backups(), BackupRecord)):
+        raise _exists(snapshot_id)
+    record = BackupRecord(id=snapshot_id, database=spec.name, archive_id=spec.archive_id,
+                          repository=spec.backup.repository, kind="full", manual=True, state="pending")
+    if not await s.create(keys.backup(spec.name, snapshot_id), record):
+        raise _exists(snapshot_id)
+    return record
+
+
 @router.post("/v1/databases/{name}/snapshots", status_code=202)
 async def create_snapshot(name: str, request: Request, body: CreateSnapshot | None = None):
     """A manual backup of the database: pending until a backup worker takes it."""
@@ -116,13 +132,7 @@ async def create_snapshot(name: str, request: Request, body: CreateSnapshot | No
         raise Conflict(f"database {name} has not been available yet: there is nothing to snapshot",
                        f"wait until 'dbplane db describe {name}' shows it available",
                        code="database_not_available")
-    snapshot_id = requested or f"{name}-{datetime.now(UTC):%Y%m%d%H%M%S}"
-    if any(b.id == snapshot_id for b in await s.list(keys.backups(), BackupRecord)):
-        raise _exists(snapshot_id)
-    record = BackupRecord(id=snapshot_id, database=name, archive_id=spec.archive_id,
-                          repository=spec.backup.repository, kind="full", manual=True, state="pending")
-    if not await s.create(keys.backup(name, snapshot_id), record):
-        raise _exists(snapshot_id)
+    record = await new_snapshot(s, spec, requested or f"{name}-{datetime.now(UTC):%Y%m%d%H%M%S}")
     return snapshot_view(record)
 
 
