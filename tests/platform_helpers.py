@@ -36,6 +36,17 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
                          + (f" (last error: {last_error})" if last_error else ""))
 
 
+def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A CLI refusal: exit 1 and one line `error: ...` on stderr holding every fragment."""
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
 def new_data_root(prefix: str = "dbplane-test-") -> Path:
     """A data root the service account can enter (mkdtemp makes 0700 directories)."""
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))

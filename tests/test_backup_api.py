@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -17,22 +16,13 @@ import pytest
 from dbplane.models import BackupRecord, DatabaseSpec
 from dbplane.store import keys
 from dbplane.store.gateway import Gateway
+from platform_helpers import one_line_error
 from s3_server import SECRET_KEY, free_port, s3_server_fixture, write_credentials
 
 pytestmark = pytest.mark.integration
 
 DB = "bk-api"
 GHOST = "bk-ghost"           # a database that does not exist: its records are never touched
-
-
-def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 def api_error(resp, status: int, code: str) -> dict:

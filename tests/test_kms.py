@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import stat
-import subprocess
 import time
 
 import pytest
@@ -16,19 +15,9 @@ from dbplane.models import BackupRecord, KmsKey, PlatformConfig
 from dbplane.security import kms
 from dbplane.store import keys
 from dbplane.store.gateway import Gateway
-from platform_helpers import wait_for
+from platform_helpers import one_line_error, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 def etcd(platform) -> Gateway:
