@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import time
 
+import psycopg
 import pytest
 
-from dbplane.models import BackupRecord
+from dbplane.models import BackupRecord, DatabaseSecrets
 from dbplane.store import keys
 from dbplane.store.gateway import Gateway
 from platform_helpers import wait_for
@@ -116,6 +117,30 @@ def test_restore_replays_across_a_failover(platform, source):
                  "--wait", timeout=600)
     restored = rows(platform, "rs-after-fo")
     assert restored[-2:] == ["before-failover", "after-failover"]
+
+
+def test_restore_refuses_to_skip_a_gap_in_the_archive(platform):
+    """A missing segment in the middle of the archive fails the restore, naming the gap,
+    instead of ending recovery there as if the WAL ended."""
+    platform.create("rs-gap")
+    insert(platform, "rs-gap", ["base"])
+    wait_for(lambda: backups(platform, "rs-gap"), 120, "the first automated backup")
+    secrets = DatabaseSecrets.model_validate_json(Gateway(platform.info.etcd_url).get(keys.secrets("rs-gap")))
+    names = []
+    with psycopg.connect(host="127.0.0.1", port=platform.member("rs-gap", "primary")["port"], user="postgres",
+                         dbname="postgres", password=secrets.superuser, autocommit=True) as c:
+        for i in range(3):
+            c.execute("insert into items (note) values (%s)", (f"gap-{i}",))
+            names.append(c.execute("select pg_walfile_name(pg_current_wal_lsn())").fetchone()[0])
+            c.execute("select pg_switch_wal()")
+    archive = platform.root / "backups" / backups(platform, "rs-gap")[0].archive_id / "wal"
+    wait_for(lambda: (archive / names[-1]).exists(), 60, "the last segment in the archive")
+    (archive / names[1]).unlink()
+    r = platform.cli("db", "restore", "rs-gap-r", "--from", "rs-gap", "--latest", "--class", "micro",
+                     "--wait", check=False, timeout=600)
+    assert r.returncode == 1 and f"WAL segment {names[1]} is missing from the archive" in r.stderr, r.stderr
+    wait_for(lambda: platform.api.get("/v1/databases/rs-gap-r").status_code == 404, 120,
+             "the failed restore to be rolled back")
 
 
 @pytest.mark.parametrize("args, code", [

@@ -118,6 +118,14 @@ class Prefetcher:
         """Settle one request if its outcome is known; True when answered."""
         future = self.start(name)
         if future is None:
+            gap = self.later_segment(name)
+            if gap:
+                message = (f"WAL segment {name} is missing from the archive, but {gap} comes after it: "
+                           "the archive has a gap; restore to a time before it")
+                (self.spool / f"{name}.error").write_text(f"dbplane: {message}\n")
+                log.error("%s", message)
+                self.report(message)
+                return True
             (self.spool / f"{name}.none").touch()
             log.info("%s: not in the repository", name)
             return True
@@ -132,6 +140,31 @@ class Prefetcher:
         if SEGMENT_RE.match(name):
             self.read_ahead(name)
         return True
+
+    def later_segment(self, name: str) -> str:
+        """A segment the archive holds after a missing one: then the missing one is a gap,
+        not the end of the WAL (recovery asks for the segment after the last one)."""
+        if not SEGMENT_RE.match(name):
+            return ""
+        tli, start = parse_segment_name(name, SEG_SIZE)
+        for other in self.index:
+            base = other.removesuffix(".partial")
+            if SEGMENT_RE.match(base):
+                other_tli, other_start = parse_segment_name(base, SEG_SIZE)
+                if other_start > start and other_tli >= tli:
+                    return other
+        return ""
+
+    def report(self, message: str) -> None:
+        """Tell the controller why the restore fails (it rolls the database back)."""
+        async def put() -> None:
+            async with Store(self.plan.etcd) as store:
+                await store.put(keys.restore_failed(self.plan.database),
+                                f"restore of {self.plan.database} failed: {message}")
+        try:
+            asyncio.run(put())
+        except Exception:
+            log.exception("could not report the failure")
 
     def read_ahead(self, name: str) -> None:
         tli, start = parse_segment_name(name, SEG_SIZE)
