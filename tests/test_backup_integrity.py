@@ -11,7 +11,7 @@ import time
 import pytest
 
 from dbplane.backup import wal
-from dbplane.models import BackupRecord
+from dbplane.models import BackupRecord, DrillRecord
 from dbplane.store import keys
 from dbplane.store.gateway import Gateway
 from platform_helpers import wait_for
@@ -132,3 +132,25 @@ def test_retention_expires_old_backups_and_their_wal(platform, source):
                 if wal.SEGMENT_RE.match(n) and wal.parse_segment_name(n, 16 << 20)[1] < cutoff]
     wait_for(lambda: not old_wal(), 60, "archived WAL before the retained backup to go")
     assert any(e["kind"] == "backup-expired" for e in platform.cli_json("events", source))
+
+
+def test_restore_drill_restores_checks_and_cleans_up(platform, source):
+    """A drill restores the newest backup with a fingerprint to a scratch database, runs
+    pg_amcheck and compares row counts, records the restore time, then deletes it."""
+    gw = Gateway(platform.info.etcd_url)
+    platform.cli("backup", "modify", source, "--drill-every-hours", "0.0003")
+    try:
+        drill = wait_for(lambda: next((DrillRecord.model_validate_json(v)
+                                       for v in gw.get_prefix(keys.drills(source)).values()
+                                       if DrillRecord.model_validate_json(v).state in ("passed", "failed")),
+                                      None), 300, "a restore drill to finish")
+    finally:
+        platform.cli("backup", "modify", source, "--drill-every-hours", "24")
+    assert drill.state == "passed", drill.error
+    assert drill.restore_seconds and drill.restore_seconds > 0 and drill.tables_checked >= 1
+    backup = next(b for b in records(platform) if b.id == drill.backup_id)
+    assert backup.fingerprint.get("postgres.public.items", 0) >= 2000
+    events = platform.cli_json("events", source)
+    assert any(e["kind"] == "restore-drill-passed" and drill.backup_id in e["message"] for e in events)
+    wait_for(lambda: platform.api.get(f"/v1/databases/{drill.scratch}").status_code == 404, 120,
+             "the scratch database to be deleted")

@@ -18,6 +18,7 @@ from dbplane.controlplane.backups import (
     restorable_window,
     retry_after,
 )
+from dbplane.controlplane.drills import drill_candidate, drill_chain, scratch_name
 from dbplane.models import ArchiveStatus, BackupRecord, BackupSettings, DatabaseSpec
 
 pytestmark = pytest.mark.unit
@@ -107,3 +108,14 @@ def test_tar_scanner_keeps_only_the_manifest():
     for i in range(0, len(data), 777):                # chunk edges fall anywhere
         scanner.feed(data[i:i + 777])
     assert scanner.found == {"backup_manifest": b'{"WAL-Ranges": []}'} and scanner.ended
+
+
+def test_drill_takes_the_newest_fingerprinted_backup_and_its_chain():
+    s = spec()
+    f1 = rec("f1", NOW - 5 * H, fingerprint_lsn="0/3000100")
+    i1 = rec("i1", NOW - 3 * H, kind="incremental", parent="f1", fingerprint_lsn="0/5000100")
+    old = rec("f0", NOW - 1 * H)                       # no fingerprint: not drillable
+    tip = drill_candidate(s, [f1, i1, old])
+    assert tip.id == "i1" and drill_chain([f1, i1, old], tip) == ["f1", "i1"]
+    assert drill_chain([i1], i1) is None               # its parent is gone
+    assert len(scratch_name("x" * 42)) <= 42 and scratch_name("orders") == "orders-drill"

@@ -81,6 +81,8 @@ class DatabaseSpec(BaseModel):
     restore: RestoreSource | None = None
     # `db delete --final-snapshot ID`: the snapshot taken before the members go
     final_snapshot: str = ""
+    # a scratch database made by this restore drill (deleted after the checks)
+    drill_of: str = ""
 
     @property
     def archive_id(self) -> str:
@@ -104,7 +106,7 @@ class PromotedFrom(BaseModel):
     member: str
 
 
-RestoreTarget = Literal["immediate", "time", "latest"]
+RestoreTarget = Literal["immediate", "time", "latest", "lsn"]
 
 
 class RestoreSource(BaseModel):
@@ -116,6 +118,7 @@ class RestoreSource(BaseModel):
     chain: list[str]                 # backup ids, full first
     target: RestoreTarget = "immediate"   # immediate: the WAL stored with the backup, to its end
     target_time: float | None = None
+    target_lsn: str = ""             # "lsn": stop right after this WAL position (restore drills)
 
 
 class BackupSettings(BaseModel):
@@ -345,7 +348,9 @@ class BackupRecord(BaseModel):
     stored_bytes: int = 0            # compressed and encrypted
     kms_key_id: str = ""
     kms_key_version: int = 0
-    fingerprint: dict[str, int] = Field(default_factory=dict)   # table -> rows at backup time
+    fingerprint: dict[str, int] = Field(default_factory=dict)   # "db.schema.table" -> rows
+    fingerprint_lsn: str = ""            # the WAL position the fingerprint's counts are at
+    fingerprint_exact: bool = False      # counted on a paused standby (a primary keeps writing)
     error: str = ""
     copies: list[str] = Field(default_factory=list)             # repositories holding a copy
     verified_at: float | None = None     # last verification of checksums and WAL
@@ -403,3 +408,23 @@ class KmsKey(BaseModel):
     created_at: float = Field(default_factory=now)
     rotated_at: float = Field(default_factory=now)
     deletion_date: float | None = None               # when pending_deletion
+
+
+DrillState = Literal["restoring", "checking", "passed", "failed"]
+
+
+class DrillRecord(BaseModel):
+    """A restore drill: the newest backup restored to a scratch database, which must
+    start, pass pg_amcheck and hold the rows of the backup's fingerprint. Controller
+    (schedules, follows the restore), backup worker (the checks)."""
+    id: str
+    database: str
+    backup_id: str
+    scratch: str                     # the scratch database's name
+    state: DrillState = "restoring"
+    started_at: float = Field(default_factory=now)
+    restored_at: float | None = None
+    restore_seconds: float | None = None
+    finished_at: float | None = None
+    tables_checked: int = 0
+    error: str = ""

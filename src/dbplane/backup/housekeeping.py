@@ -7,13 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import tempfile
 import time
 from concurrent.futures import Executor
 
+import psycopg
+
 from ..errors import DbplaneError
-from ..models import BackupRecord, DatabaseSpec, Event, RepositorySpec
+from ..models import (
+    BackupRecord,
+    DatabaseSecrets,
+    DatabaseSpec,
+    DrillRecord,
+    Event,
+    MemberSpec,
+    RepositorySpec,
+)
 from ..security.kms import Kms
 from ..store import Store, keys
+from . import fingerprint
 from .archiver import wal_prefix
 from .basebackup import backup_prefix
 from .repository import Repository, open_repository
@@ -27,8 +41,9 @@ WAL_EXPIRY_INTERVAL = 600.0      # s between looks at one archive's old WAL
 
 
 class Housekeeper:
-    def __init__(self, executor: Executor):
+    def __init__(self, executor: Executor, bin_dir: str):
         self.executor = executor
+        self.bin_dir = bin_dir
         self.wal_checked: dict[str, float] = {}     # archive id -> monotonic time
 
     async def _io(self, fn, *args):
@@ -39,7 +54,13 @@ class Housekeeper:
         return open_repository(spec) if spec else None
 
     async def run(self, store: Store, records: list[BackupRecord], specs: dict[str, DatabaseSpec],
-                  kms: Kms) -> None:
+                  kms: Kms, drills: list[DrillRecord]) -> None:
+        for d in drills:
+            if d.state == "checking":
+                try:
+                    await self.check_drill(store, d)
+                except (DbplaneError, psycopg.Error, OSError) as e:
+                    log.warning("%s: checking restore drill %s: %s; retrying", d.database, d.id, e)
         for r in records:
             try:
                 if r.state in ("deleting", "expired"):
@@ -81,6 +102,40 @@ class Housekeeper:
         log.info("%s: verified backup %s: %s", r.database, r.id, problem or
                  f"{checked.files} files, {checked.bytes >> 20} MB intact")
 
+    async def check_drill(self, store: Store, d: DrillRecord) -> None:
+        """The restored scratch database: pg_amcheck of every database in it, and the row
+        count of every table of the backup's fingerprint."""
+        record = await store.get(keys.backup(d.database, d.backup_id), BackupRecord)
+        leader = await store.get_raw(f"{keys.patroni_scope(d.scratch)}leader")
+        secrets = await store.get(keys.secrets(d.scratch), DatabaseSecrets)
+        member = await store.get(keys.member(d.scratch, leader.decode()), MemberSpec) if leader else None
+        if record is None or member is None or secrets is None:
+            return
+        problems = []
+        amcheck = await self._io(run_amcheck, self.bin_dir, member.address, member.pg_port, secrets.superuser)
+        if amcheck:
+            problems.append(f"pg_amcheck: {amcheck}")
+        counts = await fingerprint.count_all(member.address, member.pg_port, secrets.superuser,
+                                             list(record.fingerprint))
+        differ = [f"{t} has {counts.get(t)} rows, {n} at backup time"
+                  for t, n in sorted(record.fingerprint.items()) if counts.get(t) != n]
+        if differ and record.fingerprint_exact:
+            problems += differ[:5]
+        state = "failed" if problems else "passed"
+        await store.put(keys.drill(d.database, d.id), d.model_copy(update={
+            "state": state, "tables_checked": len(counts), "error": "; ".join(problems)[:1000],
+            "finished_at": time.time()}))
+        if problems:
+            await event(store, d.database, "restore-drill-failed",
+                        f"restore drill of backup {d.backup_id} failed: {'; '.join(problems)[:500]}")
+        else:
+            note = "" if record.fingerprint_exact else \
+                f" (fingerprint taken on a primary that kept writing: {len(differ)} tables differ)"
+            await event(store, d.database, "restore-drill-passed",
+                        f"backup {d.backup_id} restored in {d.restore_seconds:.0f} s; pg_amcheck passed; "
+                        f"{len(counts)} tables counted{note}")
+        log.info("%s: restore drill %s %s", d.database, d.id, state)
+
     async def expire_wal(self, store: Store, spec: DatabaseSpec, records: list[BackupRecord]) -> None:
         """Archived WAL older than the oldest retained automated backup's start serves no
         restore any more (snapshots keep their own copy of the WAL they need)."""
@@ -109,3 +164,19 @@ def remove_wal_before(repo: Repository, archive_id: str, cutoff: int) -> int:
 async def event(store: Store, database: str, kind: str, message: str) -> None:
     e = Event(database=database, kind=kind, message=message)
     await store.put(keys.event(database, e.id), e)
+
+
+def run_amcheck(bin_dir: str, address: str, port: int, password: str) -> str:
+    """pg_amcheck of every database (installing amcheck where missing); "" when clean."""
+    with tempfile.TemporaryDirectory(prefix="dbplane-drill-") as tmp:
+        pgpass = os.path.join(tmp, "pgpass")
+        with open(pgpass, "w") as f:
+            f.write(f"*:*:*:postgres:{password}\n")
+        os.chmod(pgpass, 0o600)
+        r = subprocess.run([f"{bin_dir}/pg_amcheck", "-h", address, "-p", str(port), "-U", "postgres",
+                            "-w", "--all", "--install-missing"], capture_output=True, text=True,
+                           timeout=1800, env={"PATH": "/usr/bin:/bin", "PGPASSFILE": pgpass})
+    if r.returncode == 0:
+        return ""
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    return " / ".join(lines[-3:])[:500] or f"exit code {r.returncode}"

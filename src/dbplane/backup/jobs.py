@@ -17,8 +17,10 @@ from ..errors import DbplaneError
 from ..models import ArchiveStatus, BackupRecord, DatabaseSecrets, Event, MemberSpec
 from ..security.kms import Kms, current_version
 from ..store import Store, keys
+from . import fingerprint
 from .archiver import wal_prefix
 from .basebackup import BackupFailed, Source, backup_prefix, run_pg_basebackup
+from .fingerprint import connect
 from .objects import decode, encode
 from .repository import Repository
 from .verify import verify
@@ -81,6 +83,7 @@ class Job:
         # a restore of this backup logs in with the same passwords, even once the source is gone
         secrets = await self.store.get(keys.secrets(r.database), DatabaseSecrets)
         stored += await self._io(self.write, prefix + "secrets.json", secrets.model_dump_json().encode())
+        await self.take_fingerprint(source)
         await self.wait_archived(result.timeline, result.stop_lsn)
         stored += await self._io(self.copy_wal, result.timeline, result.start_lsn, result.stop_lsn)
         finished = time.time()
@@ -97,23 +100,46 @@ class Job:
         log.info("%s: backup %s available (%d MB, %d MB stored)", r.database, r.id,
                  done.size_bytes >> 20, stored >> 20)
 
+    async def take_fingerprint(self, source: Source) -> None:
+        """Row counts for restore drills (backup/fingerprint.py); then a checkpoint on the
+        primary, so that WAL goes on past the fingerprint's position (a drill's recovery
+        must see a record after its target)."""
+        r = self.record
+        leader, primary, secrets = await self.primary()
+        if secrets is None:
+            return
+        try:
+            fp = await fingerprint.take(source.address, source.port, secrets.superuser,
+                                        on_standby=leader is not None and leader != r.source_member)
+        except psycopg.Error as e:
+            log.warning("%s: no fingerprint for backup %s: %s", r.database, r.id, e)
+            return
+        await self.save(fingerprint=fp.counts, fingerprint_lsn=fp.lsn, fingerprint_exact=fp.exact)
+        if primary is not None:
+            async with await connect(primary.address, primary.pg_port, secrets.superuser) as conn:
+                await conn.execute("CHECKPOINT")
+
+    async def primary(self):
+        r = self.record
+        leader = await self.store.get_raw(f"{keys.patroni_scope(r.database)}leader")
+        name = leader.decode() if leader else None
+        member = await self.store.get(keys.member(r.database, name), MemberSpec) if name else None
+        secrets = await self.store.get(keys.secrets(r.database), DatabaseSecrets)
+        return name, member, secrets
+
     async def checkpoint_first(self, source: Source) -> None:
         """A backup taken from a standby starts at the standby's last restartpoint, which
         can only be at a checkpoint it replayed: on a quiet database that may be older than
         the archive. So checkpoint the primary and let the standby replay it first."""
         r = self.record
-        leader = await self.store.get_raw(f"{keys.patroni_scope(r.database)}leader")
-        if leader is None or leader.decode() == r.source_member:
+        leader, primary, secrets = await self.primary()
+        if leader is None or leader == r.source_member or primary is None or secrets is None:
             return
-        primary = await self.store.get(keys.member(r.database, leader.decode()), MemberSpec)
-        secrets = await self.store.get(keys.secrets(r.database), DatabaseSecrets)
-        if primary is None or secrets is None:
-            return
-        async with await _superuser(primary.address, primary.pg_port, secrets.superuser) as conn:
+        async with await connect(primary.address, primary.pg_port, secrets.superuser) as conn:
             await conn.execute("CHECKPOINT")
             lsn = (await (await conn.execute("select pg_current_wal_lsn()::text")).fetchone())[0]
         deadline = time.monotonic() + 60
-        async with await _superuser(source.address, source.port, secrets.superuser) as conn:
+        async with await connect(source.address, source.port, secrets.superuser) as conn:
             while time.monotonic() < deadline:
                 row = await (await conn.execute(
                     "select pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,))).fetchone()
@@ -196,8 +222,3 @@ class Job:
                       message=f"{'snapshot' if r.manual else r.kind + ' backup'} {r.id} failed: {message}")
         await self.store.put(keys.event(r.database, event.id), event)
 
-
-async def _superuser(address: str, port: int, password: str) -> psycopg.AsyncConnection:
-    return await psycopg.AsyncConnection.connect(
-        host=address, port=port, user="postgres", password=password, dbname="postgres",
-        autocommit=True, connect_timeout=5, application_name="dbplane-backup", sslmode="disable")

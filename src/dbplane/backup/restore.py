@@ -96,6 +96,9 @@ def recovery_settings(source: RestoreSource, member_dir: str) -> dict:
             "recovery_target_timeline": "current" if source.target == "immediate" else "latest"}
     if source.target == "time" and source.target_time is not None:
         conf["recovery_target_time"] = datetime.fromtimestamp(source.target_time, UTC).isoformat()
+    elif source.target == "lsn":
+        conf["recovery_target_lsn"] = source.target_lsn
+        conf["recovery_target_inclusive"] = True
     return conf
 
 

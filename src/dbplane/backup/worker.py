@@ -18,6 +18,7 @@ from ..models import (
     BackupRecord,
     DatabaseSecrets,
     DatabaseSpec,
+    DrillRecord,
     Event,
     MemberSpec,
     PlatformConfig,
@@ -47,7 +48,7 @@ class BackupWorker:
         self.backup: asyncio.Task | None = None     # one base backup at a time per host
         self.backup_id = ""
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="backup-io")
-        self.housekeeper = Housekeeper(self.executor)
+        self.housekeeper = Housekeeper(self.executor, bin_dir)
         self.tasks: dict[str, asyncio.Task] = {}
         self.kms: Kms | None = None
         self._stopping = asyncio.Event()
@@ -123,7 +124,8 @@ class BackupWorker:
         if self.kms is not None and (
                 await store.create(keys.backup_housekeeper(), self.host, lease=lease)
                 or await store.get_raw(keys.backup_housekeeper()) == self.host.encode()):
-            await self.housekeeper.run(store, records, specs, self.kms)
+            await self.housekeeper.run(store, records, specs, self.kms,
+                                       await store.list(keys.drills(), DrillRecord))
 
     # -- base backups -------------------------------------------------------------------------
 

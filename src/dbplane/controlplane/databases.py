@@ -13,7 +13,7 @@ from ..models import DatabaseSecrets, DatabaseSpec, DatabaseStatus, MemberSpec, 
 from ..security.scram import new_password
 from ..store import Store, keys
 from ..system import port_free
-from . import backups, changes, operations, promote, proxy, replicas, resume, storage
+from . import backups, changes, drills, operations, promote, proxy, replicas, resume, storage
 from .actions import Actions
 from .admin import ensure_admin_user, write_pgpass
 from .placement import allocate_ports, choose_host
@@ -73,6 +73,7 @@ async def ensure_database(p: Pass, spec: DatabaseSpec) -> None:
     await changes.ensure_changes(p, spec, status)
     await observe(p, spec, status)
     await backups.ensure_backups(p, spec)         # last: nothing of HA waits on backups
+    await drills.ensure_drills(p, spec)
 
 
 CREATE_MAX_RESTARTS = 3

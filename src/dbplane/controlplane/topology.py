@@ -13,6 +13,7 @@ from ..models import (
     BackupRecord,
     DatabaseSpec,
     DatabaseStatus,
+    DrillRecord,
     Host,
     MemberSpec,
     MemberStatus,
@@ -60,6 +61,9 @@ class Snapshot:
 
     def backups(self, db: str = "") -> list[BackupRecord]:
         return [BackupRecord.model_validate_json(v) for v in self._under(keys.backups(db)).values()]
+
+    def drills(self, db: str = "") -> list[DrillRecord]:
+        return [DrillRecord.model_validate_json(v) for v in self._under(keys.drills(db)).values()]
 
     def archive(self, db: str) -> ArchiveStatus | None:
         raw = self.raw.get(keys.archive_status(db))

@@ -23,6 +23,7 @@ clusters live under PATRONI_NAMESPACE, one scope per database.
   /dbplane/v1/archive/<db>                 ArchiveStatus backup worker
   /dbplane/v1/archive-lock/<db>            host name     backup worker streaming WAL, under a lease
   /dbplane/v1/backup-housekeeper           host name     backup worker removing deleted/expired backups
+  /dbplane/v1/drills/<db>/<id>             DrillRecord   controller, backup worker (checks)
   /dbplane/v1/restore-failed/<db>          message       restore bootstrap command that failed
   /dbplane/v1/kms/keys/<key-id>            KmsKey        API, controller (rotation, deletion)
   /dbplane-patroni/<db>/...                Patroni's own keys (leader, sync, members, ...)
@@ -178,3 +179,11 @@ def backup_housekeeper() -> str:
 
 def restore_failed(db: str) -> str:
     return f"{ROOT}restore-failed/{db}"
+
+
+def drills(db: str = "") -> str:
+    return f"{ROOT}drills/{db}/" if db else ROOT + "drills/"
+
+
+def drill(db: str, drill_id: str) -> str:
+    return f"{ROOT}drills/{db}/{drill_id}"
