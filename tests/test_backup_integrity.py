@@ -152,5 +152,7 @@ def test_restore_drill_restores_checks_and_cleans_up(platform, source):
     assert backup.fingerprint.get("postgres.public.items", 0) >= 2000
     events = platform.cli_json("events", source)
     assert any(e["kind"] == "restore-drill-passed" and drill.backup_id in e["message"] for e in events)
+    assert drill.id in [d["id"] for d in platform.cli_json("backup", "drills", source)]
+    assert "last drill" in platform.cli("backup", "describe", source).stdout
     wait_for(lambda: platform.api.get(f"/v1/databases/{drill.scratch}").status_code == 404, 120,
              "the scratch database to be deleted")

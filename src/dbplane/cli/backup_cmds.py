@@ -187,8 +187,26 @@ def _show_backup(d: dict, output: Output) -> None:
     if d.get("earliest_restorable_time"):
         con.print(f"  restorable  {render.when(d['earliest_restorable_time'])} to "
                   f"{render.when(d['latest_restorable_time'])}", highlight=False)
+    drill = d.get("last_drill")
+    if drill:
+        took = f", restored in {drill['restore_seconds']:.0f} s" if drill["restore_seconds"] else ""
+        con.print(f"  last drill  {drill['state']} ({render.when(drill['started_at'])}, backup "
+                  f"{drill['backup_id']}{took})" + (f": {drill['error']}" if drill["error"] else ""),
+                  highlight=False, markup=False)
     render.table([{"name": k, "value": "-" if v == "" else v} for k, v in st.items()],
                  [("name", "SETTING"), ("value", "VALUE")])
+
+
+@backup_app.command("drills")
+def backup_drills(database: str = typer.Argument(..., metavar="DB"), output: Output = OutputOpt):
+    """Restore drills: the newest backup restored to a scratch database and checked."""
+    rows = client().get(f"/v1/databases/{_id(database)}/drills")
+    for r in rows:
+        r["started"] = render.when(r["started_at"])
+        r["restore_s"] = f"{r['restore_seconds']:.0f}" if r["restore_seconds"] else "-"
+    render.output(rows, output.value, [("id", "DRILL"), ("backup_id", "BACKUP"), ("state", "STATE"),
+                                       ("started", "STARTED"), ("restore_s", "RESTORE S"),
+                                       ("tables_checked", "TABLES"), ("error", "ERROR")])
 
 
 @backup_app.command("describe")

@@ -33,6 +33,7 @@ from ..models import (
     BackupSettings,
     DatabaseSpec,
     DatabaseStatus,
+    DrillRecord,
     RepositorySpec,
 )
 from ..security import kms
@@ -198,8 +199,10 @@ async def _backup_view(s: Store, spec: DatabaseSpec) -> dict:
             if b.archive_id == spec.archive_id]
     window = restorable_window(spec, mine, archive)
     available = [b for b in mine if b.state == "available"]
+    drills = sorted(await s.list(keys.drills(spec.name), DrillRecord), key=lambda d: d.started_at)
     return {
         "database": spec.name,
+        "last_drill": drills[-1].model_dump() if drills else None,
         "settings": spec.backup.model_dump(),
         "archive": archive.model_dump() if archive else None,
         "backups": len(available),
@@ -207,6 +210,15 @@ async def _backup_view(s: Store, spec: DatabaseSpec) -> dict:
         "earliest_restorable_time": window[0] if window else None,
         "latest_restorable_time": window[1] if window else None,
     }
+
+
+@router.get("/v1/databases/{name}/drills")
+async def list_drills(name: str, request: Request):
+    """Restore drills of the database, newest first."""
+    s = _store(request)
+    await get_spec(s, name)
+    drills = await s.list(keys.drills(name), DrillRecord)
+    return [d.model_dump() for d in sorted(drills, key=lambda d: d.started_at, reverse=True)]
 
 
 @router.get("/v1/databases/{name}/backup")
