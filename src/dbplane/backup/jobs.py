@@ -71,6 +71,7 @@ class Job:
         if r.kind == "incremental":
             parent_manifest = await self._io(
                 self.read, backup_prefix(r.archive_id, r.parent) + "backup_manifest")
+        await self.wait_streaming()
         await self.checkpoint_first(source)
         log.info("%s: %s backup %s from %s", r.database, r.kind, r.id, r.source_member)
         result = await self._io(run_pg_basebackup, self.bin_dir, source, self.repo, prefix + "base.tar",
@@ -157,6 +158,22 @@ class Job:
             raise BackupFailed(f"member {r.source_member} of {r.database} is gone",
                                "the controller assigns another source on the next attempt")
         return Source(member.address, member.pg_port, secrets.replication)
+
+    async def wait_streaming(self) -> None:
+        """The archive must stream before the backup starts: the backup needs the WAL from
+        its start on, and WAL from before the archive began is nowhere (a new database's
+        archive starts once Patroni made its slot)."""
+        deadline = time.monotonic() + ARCHIVE_WAIT
+        status = None
+        while time.monotonic() < deadline:
+            status = await self.store.get(keys.archive_status(self.record.database), ArchiveStatus)
+            if (status and status.archive_id == self.record.archive_id and status.state == "streaming"
+                    and status.archived_lsn):
+                return
+            await asyncio.sleep(0.5)
+        why = f": {status.error}" if status and status.error else ""
+        raise BackupFailed(f"the WAL archive of {self.record.database} is not streaming{why}",
+                           f"see 'dbplane backup describe {self.record.database}'")
 
     async def wait_archived(self, tli: int, stop: int) -> None:
         """The WAL up to the backup's stop point must be in the archive before the backup
