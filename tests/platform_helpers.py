@@ -70,8 +70,8 @@ class Platform:
             raise AssertionError(f"dbplane {' '.join(args)} exited {r.returncode}:\n{r.stderr}{r.stdout}")
         return r
 
-    def cli_json(self, *args: str):
-        return json.loads(self.cli(*args, "--output", "json").stdout)
+    def cli_json(self, *args: str, timeout: float = 300):
+        return json.loads(self.cli(*args, "--output", "json", timeout=timeout).stdout)
 
     def up(self, *args: str) -> None:
         self.cli("up", *args)

@@ -6,7 +6,12 @@ old automated backups and the archived WAL only they needed."""
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +19,9 @@ from dbplane.backup import wal
 from dbplane.models import BackupRecord, DrillRecord
 from dbplane.store import keys
 from dbplane.store.gateway import Gateway
+from dbplane.system import SERVICE_ACCOUNT
 from platform_helpers import wait_for
+from s3_server import s3_server_fixture, write_credentials
 
 pytestmark = pytest.mark.integration
 
@@ -156,3 +163,66 @@ def test_restore_drill_restores_checks_and_cleans_up(platform, source):
     assert "last drill" in platform.cli("backup", "describe", source).stdout
     wait_for(lambda: platform.api.get(f"/v1/databases/{drill.scratch}").status_code == 404, 120,
              "the scratch database to be deleted")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    yield from s3_server_fixture(tmp_path_factory)
+
+
+@pytest.fixture
+def creds():
+    """An S3 credentials file the backup workers (the service account) can read."""
+    directory = Path(tempfile.mkdtemp(prefix="dbplane-s3-", dir="/var/tmp"))
+    path = write_credentials(directory / "credentials")
+    if os.geteuid() == 0:
+        os.chmod(directory, 0o755)
+        account = pwd.getpwnam(SERVICE_ACCOUNT)
+        os.chown(path, account.pw_uid, account.pw_gid)
+    yield path
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_copy_to_s3_repository_restores_without_the_original(platform, source, s3, creds):
+    """The cross-region copy: a snapshot copied to an S3-compatible repository, encrypted
+    again there, restores from the copy when the original repository lost it."""
+    platform.cli("kms", "create-key", "--alias", "alias/test/far-away")
+    platform.cli("repository", "create", "ig-far", "--kind", "s3", "--endpoint", s3.endpoint,
+                 "--bucket", s3.bucket, "--prefix", "far", "--credentials-file", str(creds),
+                 "--kms-key", "alias/test/far-away")
+    copied = platform.cli_json("snapshot", "copy", "ig-plain", "--to-repository", "ig-far", "--wait",
+                               timeout=300)
+    assert "ig-far" in copied["copies"]
+    client = s3.client()
+    stored = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix="far/")["Contents"]]
+    assert any(k.endswith("/ig-plain/base.tar") for k in stored)
+    assert any(k.endswith("/ig-plain/backup.json") for k in stored)
+    for key in stored:
+        assert MARKER.encode() not in client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+    record = next(b for b in records(platform) if b.id == "ig-plain")
+    original = backup_dir(platform, record)
+    hidden = original.with_name(original.name + ".hidden")
+    original.rename(hidden)                  # the original repository lost it
+    try:
+        r = platform.cli("db", "restore", "ig-from-far", "--from-snapshot", "ig-plain", "--class", "micro",
+                         "--repository", "ig-far", "--wait", timeout=600)
+        assert r.returncode == 0
+        with platform.connect("ig-from-far") as c:
+            assert c.execute("select count(*) from items where note like %s",
+                             (MARKER + "%",)).fetchone()[0] == 2000
+    finally:
+        hidden.rename(original)
+    uncopied = next(b for b in records(platform) if b.usable and "ig-far" not in b.copies)
+    r = platform.cli("db", "restore", "ig-no-copy", "--from-snapshot", uncopied.id, "--repository", "ig-far",
+                     check=False)
+    assert r.returncode == 1 and "(no_copy)" in r.stderr
+    # automatic copies: every backup of the database and its archived WAL follow
+    platform.cli("backup", "modify", source, "--copy-to", "ig-far")
+    try:
+        wait_for(lambda: all("ig-far" in b.copies for b in records(platform) if b.usable), 180,
+                 "every backup to be copied")
+        wal_prefix = f"far/{record.archive_id}/wal/"
+        wait_for(lambda: client.list_objects_v2(Bucket=s3.bucket, Prefix=wal_prefix).get("KeyCount", 0) > 0,
+                 120, "archived WAL to be copied")
+    finally:
+        platform.cli("backup", "modify", source, "--copy-to", "")

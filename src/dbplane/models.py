@@ -353,6 +353,7 @@ class BackupRecord(BaseModel):
     fingerprint_exact: bool = False      # counted on a paused standby (a primary keeps writing)
     error: str = ""
     copies: list[str] = Field(default_factory=list)             # repositories holding a copy
+    copy_requested: list[str] = Field(default_factory=list)     # repositories to copy it to
     verified_at: float | None = None     # last verification of checksums and WAL
     verify_error: str = ""               # what the last verification found (unusable if set)
     verify_requested_at: float | None = None   # `dbplane backup verify` asks for another

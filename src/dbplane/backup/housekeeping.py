@@ -27,7 +27,7 @@ from ..models import (
 )
 from ..security.kms import Kms
 from ..store import Store, keys
-from . import fingerprint
+from . import copies, fingerprint
 from .archiver import wal_prefix
 from .basebackup import backup_prefix
 from .repository import Repository, open_repository
@@ -38,6 +38,7 @@ log = logging.getLogger("dbplane.backup.housekeeping")
 
 SEG_SIZE = 16 * 1024 * 1024
 WAL_EXPIRY_INTERVAL = 600.0      # s between looks at one archive's old WAL
+WAL_SYNC_INTERVAL = 30.0         # s between copies of new archived WAL to a second repository
 
 
 class Housekeeper:
@@ -45,6 +46,7 @@ class Housekeeper:
         self.executor = executor
         self.bin_dir = bin_dir
         self.wal_checked: dict[str, float] = {}     # archive id -> monotonic time
+        self.wal_synced: dict[str, float] = {}      # archive id -> monotonic time of the last copy
 
     async def _io(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -68,21 +70,55 @@ class Housekeeper:
                 elif r.state == "available" and r.verify_requested_at and \
                         (r.verified_at or 0) < r.verify_requested_at:
                     await self.verify(store, r, kms)
+                elif r.state == "available" and set(r.copy_requested) - set(r.copies):
+                    await self.copy(store, r, kms)
             except DbplaneError as e:
                 log.warning("%s: backup %s: %s; retrying", r.database, r.id, e)
         for spec in specs.values():
-            if time.monotonic() - self.wal_checked.get(spec.archive_id, -WAL_EXPIRY_INTERVAL) \
-                    >= WAL_EXPIRY_INTERVAL:
-                self.wal_checked[spec.archive_id] = time.monotonic()
+            if spec.backup.copy_to and due(self.wal_synced, spec.archive_id, WAL_SYNC_INTERVAL):
+                try:
+                    await self.sync_wal(store, spec, kms)
+                except DbplaneError as e:
+                    log.warning("%s: copying WAL to %s: %s", spec.name, spec.backup.copy_to, e)
+        for spec in specs.values():
+            if due(self.wal_checked, spec.archive_id, WAL_EXPIRY_INTERVAL):
                 try:
                     await self.expire_wal(store, spec, records)
                 except DbplaneError as e:
                     log.warning("%s: expiring WAL: %s", spec.name, e)
 
+    async def copy(self, store: Store, r: BackupRecord, kms: Kms) -> None:
+        src = await self.repository(store, r.repository)
+        for name in [n for n in r.copy_requested if n not in r.copies]:
+            target = await store.get(keys.repository(name), RepositorySpec)
+            if src is None or target is None:
+                continue
+            stored = await self._io(copies.copy_backup, src, open_repository(target), kms, target.kms_key,
+                                    r.archive_id, r.id)
+            current = await store.get(keys.backup(r.database, r.id), BackupRecord)
+            if current is None:
+                return
+            r = current.model_copy(update={"copies": sorted(set(current.copies) | {name})})
+            await store.put(keys.backup(r.database, r.id), r)
+            await event(store, r.database, "backup-copied",
+                        f"{'snapshot' if r.manual else 'backup'} {r.id} copied to repository {name} "
+                        f"({stored >> 20} MB, encrypted under {target.kms_key})")
+
+    async def sync_wal(self, store: Store, spec: DatabaseSpec, kms: Kms) -> None:
+        src = await self.repository(store, spec.backup.repository)
+        target = await store.get(keys.repository(spec.backup.copy_to), RepositorySpec)
+        if src is None or target is None:
+            return
+        copied = await self._io(copies.sync_wal, src, open_repository(target), kms, target.kms_key,
+                                spec.archive_id)
+        if copied:
+            log.info("%s: copied %d WAL files to %s", spec.name, copied, target.name)
+
     async def remove(self, store: Store, r: BackupRecord) -> None:
-        repo = await self.repository(store, r.repository)
-        if repo is not None:
-            await self._io(repo.delete_prefix, backup_prefix(r.archive_id, r.id))
+        for name in [r.repository, *r.copies]:
+            repo = await self.repository(store, name)
+            if repo is not None:
+                await self._io(repo.delete_prefix, backup_prefix(r.archive_id, r.id))
         await store.delete(keys.backup(r.database, r.id))
         self.wal_checked.pop(r.archive_id, None)       # the WAL it needed may go now too
         kind = "snapshot-deleted" if r.state == "deleting" else "backup-expired"
@@ -147,8 +183,19 @@ class Housekeeper:
         if repo is None:
             return
         removed = await self._io(remove_wal_before, repo, spec.archive_id, cutoff)
+        copy = await self.repository(store, spec.backup.copy_to) if spec.backup.copy_to else None
+        if copy is not None:
+            removed += await self._io(remove_wal_before, copy, spec.archive_id, cutoff)
         if removed:
             log.info("%s: removed %d archived WAL files no backup needs", spec.name, removed)
+
+
+def due(last: dict[str, float], key: str, interval: float) -> bool:
+    """At most once per interval for each key (it notes the time when it says yes)."""
+    if time.monotonic() - last.get(key, -interval) < interval:
+        return False
+    last[key] = time.monotonic()
+    return True
 
 
 def remove_wal_before(repo: Repository, archive_id: str, cutoff: int) -> int:

@@ -154,6 +154,30 @@ def snapshot_describe(snapshot_id: str = typer.Argument(..., metavar="ID"), outp
     _show_snapshot(client().get(f"/v1/snapshots/{_id(snapshot_id)}"), output)
 
 
+@snapshot_app.command("copy")
+def snapshot_copy(snapshot_id: str = typer.Argument(..., metavar="ID"),
+                  repository: str = typer.Option(..., "--to-repository", help="the repository to copy it to"),
+                  wait: bool = typer.Option(False, "--wait", help="wait until the copy is complete"),
+                  timeout: float = typer.Option(3600.0, "--timeout", help="seconds --wait waits"),
+                  output: Output = OutputOpt):
+    """Copy a snapshot or automated backup to another repository (the cross-region copy),
+    encrypted again under that repository's KMS key."""
+    c = client()
+    s = c.post(f"/v1/snapshots/{_id(snapshot_id)}/copy", {"repository": repository})
+    deadline = time.monotonic() + timeout
+    while wait and repository not in s["copies"]:
+        if time.monotonic() > deadline:
+            raise DbplaneError(f"the copy of {snapshot_id} to {repository} is not done after {timeout:.0f}s",
+                               f"follow it with 'dbplane snapshot describe {snapshot_id}'", code="timeout")
+        time.sleep(1.0)
+        s = c.get(f"/v1/snapshots/{_id(snapshot_id)}")
+    if output == Output.json:
+        render.as_json(s)
+    else:
+        render.console.print(f"{s['id']}: " + (f"copied to {repository}" if repository in s["copies"]
+                                                else f"copying to {repository}"), highlight=False)
+
+
 @snapshot_app.command("delete")
 def snapshot_delete(snapshot_id: str = typer.Argument(..., metavar="ID"), output: Output = OutputOpt):
     """Delete a manual snapshot (its files are removed in the background)."""

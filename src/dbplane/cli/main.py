@@ -184,6 +184,9 @@ def db_restore(name: str = typer.Argument(..., help="the new database"),
                    None, "--to-time", help="... as it was at this time (ISO 8601, UTC unless "
                                            "an offset is given, e.g. 2026-11-24T03:50:00Z)"),
                latest: bool = typer.Option(False, "--latest", help="... at its latest restorable time"),
+               repository: str | None = typer.Option(
+                   None, "--repository", help="restore from the copy in this repository "
+                                              "(see 'dbplane snapshot copy')"),
                instance_class: str = typer.Option("small", "--class", help="see 'dbplane classes'"),
                multi_az: bool = typer.Option(False, "--multi-az/--no-multi-az"),
                replicas: int = typer.Option(0, help="asynchronous read replicas"),
@@ -197,6 +200,7 @@ def db_restore(name: str = typer.Argument(..., help="the new database"),
     op = client().post("/v1/databases/restore", {
         "name": name, "class": instance_class, "multi_az": multi_az, "replicas": replicas,
         "storage_gb": storage_gb, "snapshot": from_snapshot, "source": source, "backups": backups,
+        "repository": repository,
         "time": parse_time(to_time) if to_time else None, "latest": latest})
     _started(op, wait, output)
 

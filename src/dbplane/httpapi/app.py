@@ -46,6 +46,7 @@ class RestoreDatabase(CreateDatabase):
     source: str | None = None            # ... or this database at a point in time:
     time: float | None = None            # a Unix time, or
     latest: bool = False                 # the latest restorable time
+    repository: str | None = None        # restore from this copy (default: where the backup is)
 
 
 def create_app(etcd_url: str) -> FastAPI:

@@ -175,6 +175,29 @@ async def delete_snapshot(snapshot_id: str, request: Request):
     return snapshot_view(record)
 
 
+class CopySnapshot(BaseModel):
+    repository: str
+
+
+@router.post("/v1/snapshots/{snapshot_id}/copy", status_code=202)
+async def copy_snapshot(snapshot_id: str, body: CopySnapshot, request: Request):
+    """Copy a backup to another repository, encrypted again under that repository's key;
+    a backup worker does it and lists the repository in the backup's copies."""
+    s = _store(request)
+    record = await _find_snapshot(s, snapshot_id)
+    await _get_repository(s, body.repository)
+    if record.state != "available":
+        raise Conflict(f"{snapshot_id} is {record.state}", "only available backups can be copied",
+                       code="snapshot_not_available")
+    if body.repository == record.repository:
+        raise InvalidInput(f"{snapshot_id} is stored in {body.repository} already",
+                           "copy it to another repository", code="same_repository")
+    if body.repository not in record.copies + record.copy_requested:
+        record = record.model_copy(update={"copy_requested": [*record.copy_requested, body.repository]})
+        await s.put(keys.backup(record.database, record.id), record)
+    return snapshot_view(record)
+
+
 @router.post("/v1/snapshots/{snapshot_id}/verify", status_code=202)
 async def verify_snapshot(snapshot_id: str, request: Request):
     """Ask for a verification of a backup's checksums and WAL; the housekeeping backup

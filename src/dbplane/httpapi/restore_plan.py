@@ -39,6 +39,14 @@ async def plan(s: Store, body) -> tuple[RestoreSource, DatabaseSecrets]:
         source = from_snapshot(body.snapshot, backups)
     else:
         source = await to_point_in_time(s, body, backups)
+    if body.repository and body.repository != source.repository:
+        by_id = {b.id: b for b in backups}
+        lacking = [b for b in source.chain if body.repository not in by_id[b].copies]
+        if lacking:
+            raise Conflict(f"repository {body.repository} holds no copy of {lacking[0]}",
+                           f"copy it first with 'dbplane snapshot copy {lacking[0]} --to-repository "
+                           f"{body.repository}', or restore from {source.repository}", code="no_copy")
+        source = source.model_copy(update={"repository": body.repository})
     return source, await secrets_of(s, source, backups)
 
 
