@@ -364,6 +364,10 @@ class BackupRecord(BaseModel):
         return self.state == "available" and self.consistent_at is not None and not self.verify_error
 
 
+# the WAL archiver's replication slot: a permanent slot in Patroni's configuration while
+# backups are on (Patroni keeps it on the primary and advances copies on the standbys)
+ARCHIVE_SLOT = "dbplane_archive"
+
 ArchiveState = Literal["starting", "streaming", "reconnecting", "failing"]
 
 

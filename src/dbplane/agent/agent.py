@@ -345,13 +345,16 @@ class Agent:
         stop_postgres(mdir / "data")
 
     def remove_member(self, mdir: Path) -> None:
-        """Stop and delete a member; its Patroni log is kept for troubleshooting."""
+        """Stop and delete a member; its Patroni log (and a restore's WAL prefetcher log)
+        is kept for troubleshooting."""
         if mdir.exists():
             self.stop_member(mdir)
-            if (mdir / "patroni.log").exists():
-                kept = self.host_dir / "removed" / f"{mdir.name}-{int(time.time())}.log"
-                kept.parent.mkdir(exist_ok=True)
-                shutil.move(mdir / "patroni.log", kept)
+            process.stop(mdir / "prefetch.pid", timeout=5)
+            for log_name, suffix in (("patroni.log", ".log"), ("prefetch.log", "-prefetch.log")):
+                if (mdir / log_name).exists():
+                    kept = self.host_dir / "removed" / f"{mdir.name}-{int(time.time())}{suffix}"
+                    kept.parent.mkdir(exist_ok=True)
+                    shutil.move(mdir / log_name, kept)
             shutil.rmtree(mdir)
 
     async def stop_orphans(self, wanted: set[str]) -> None:

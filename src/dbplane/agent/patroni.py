@@ -10,11 +10,9 @@ from urllib.parse import urlsplit
 import yaml
 
 from ..backup.restore import recovery_settings
-from ..models import DatabaseSecrets, DatabaseSpec, MemberSpec
+from ..models import ARCHIVE_SLOT, DatabaseSecrets, DatabaseSpec, MemberSpec
 from ..parameters import postgres_parameters
 from ..store.keys import PATRONI_NAMESPACE
-
-ARCHIVE_SLOT = "dbplane_archive"
 
 # Failure detection: the leader key lives `ttl` seconds; Patroni's minimum is 20 and it
 # needs loop_wait + 2 * retry_timeout <= ttl. Patroni's defaults are 30/10/10.
@@ -56,7 +54,7 @@ def render(member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,
                 # the WAL archiver's slot: Patroni creates it on the primary and keeps a
                 # copy advancing on every standby, so a new primary still holds the WAL
                 # the archive has not stored yet (backup/archiver.py)
-                "slots": {ARCHIVE_SLOT: {"type": "physical"}},
+                "slots": {ARCHIVE_SLOT: {"type": "physical"}} if spec.backup.enabled else {},
                 "postgresql": {
                     "use_pg_rewind": True,
                     "use_slots": True,

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from ..models import ArchiveStatus
+from ..models import ARCHIVE_SLOT, ArchiveStatus
 from .objects import encode
 from .replication import (
     Keepalive,
@@ -51,7 +51,6 @@ from .wal import (
 
 log = logging.getLogger("dbplane.backup.archiver")
 
-SLOT = "dbplane_archive"              # a permanent slot Patroni keeps, see agent/patroni.py
 MAX_UPLOADS = 3                       # segments compressed and uploaded at once
 FEEDBACK_INTERVAL = 1.0               # s between standby status updates
 COMPRESSION_LEVEL = 1                 # WAL: speed first; zstd -1 still shrinks it several times
@@ -94,12 +93,18 @@ def resume_point(repo: Repository, archive_id: str, seg_size: int) -> ResumePoin
     return ResumePoint(tli, start + seg_size if complete else start)
 
 
+class ArchiveGap(ReplicationError):
+    """The WAL the archive would resume from is gone from the primary (backups were off,
+    or the slot was lost): the archive must start again at the present, leaving a gap."""
+
+
 class Archiver:
     def __init__(self, database: str, archive_id: str, repo: Repository, new_data_key: Callable,
                  executor: Executor, publish: Callable[[ArchiveStatus], Awaitable[None]],
                  archive_timeout: float, worker: str):
         self.database = database
         self.archive_id = archive_id
+        self.start_fresh = False              # at the primary's present position (after a gap)
         self.repo = repo
         self.new_data_key = new_data_key      # () -> security.kms.DataKey
         self.executor = executor
@@ -134,8 +139,8 @@ class Archiver:
             self.seg_size = _size(await conn.show("wal_segment_size"))
             system = await conn.identify_system()
             loop = asyncio.get_running_loop()
-            resume = await loop.run_in_executor(self.executor, resume_point, self.repo,
-                                                self.archive_id, self.seg_size)
+            resume = None if self.start_fresh else await loop.run_in_executor(
+                self.executor, resume_point, self.repo, self.archive_id, self.seg_size)
             if resume is None:
                 resume = ResumePoint(system.timeline, segment_start(system.xlogpos, self.seg_size))
                 log.info("%s: archive starts at %s on timeline %d", self.database,
@@ -186,7 +191,13 @@ class Archiver:
         await loop.run_in_executor(self.executor, self._put, key, content)
 
     async def _stream(self, conn: ReplicationConnection, tli: int, lsn: int) -> None:
-        await conn.start(SLOT, lsn, tli)
+        try:
+            await conn.start(ARCHIVE_SLOT, lsn, tli)
+        except ReplicationError as e:
+            if e.sqlstate == "58P01":            # "requested WAL segment ... has already been removed"
+                raise ArchiveGap(f"the primary no longer has the WAL from {format_lsn(lsn)} on "
+                                 f"(timeline {tli}): {e}") from e
+            raise
         self.tli, self.pos, self.seg_lsn = tli, lsn, lsn
         self.buf = bytearray()
         self.partial_end, self.partial_at = lsn, time.monotonic()

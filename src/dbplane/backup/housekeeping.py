@@ -6,6 +6,7 @@ record), verify backups on request, and drop archived WAL that no retained backu
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import subprocess
@@ -57,6 +58,12 @@ class Housekeeper:
 
     async def run(self, store: Store, records: list[BackupRecord], specs: dict[str, DatabaseSpec],
                   kms: Kms, drills: list[DrillRecord]) -> None:
+        for key, value in (await store.get_prefix(keys.archive_removals())).items():
+            try:
+                await self.remove_archive(store, key.rsplit("/", 1)[1], json.loads(value))
+                await store.delete(key)
+            except DbplaneError as e:
+                log.warning("removing the archive %s: %s; retrying", key, e)
         for d in drills:
             if d.state == "checking":
                 try:
@@ -113,6 +120,14 @@ class Housekeeper:
                                 spec.archive_id)
         if copied:
             log.info("%s: copied %d WAL files to %s", spec.name, copied, target.name)
+
+    async def remove_archive(self, store: Store, archive_id: str, repositories: list[str]) -> None:
+        """The archived WAL of a deleted database."""
+        for name in repositories:
+            repo = await self.repository(store, name)
+            if repo is not None:
+                removed = await self._io(repo.delete_prefix, wal_prefix(archive_id))
+                log.info("removed the archive of %s from %s (%d files)", archive_id, name, removed)
 
     async def remove(self, store: Store, r: BackupRecord) -> None:
         for name in [r.repository, *r.copies]:

@@ -133,8 +133,10 @@ class Prefetcher:
             return False
         error = future.exception()
         if error is not None:
-            (self.spool / f"{name}.error").write_text(f"dbplane: cannot fetch WAL file {name}: {error}\n")
-            log.error("fetching %s: %s", name, error)
+            message = f"cannot fetch WAL file {name}: {error}"
+            (self.spool / f"{name}.error").write_text(f"dbplane: {message}\n")
+            log.error("%s", message)
+            self.report(message)
             return True
         log.info("%s: fetched", name)
         if SEGMENT_RE.match(name):
@@ -177,6 +179,9 @@ class Prefetcher:
                  len(self.index), self.spool)
         last_request = time.monotonic()
         while time.monotonic() - last_request < IDLE_EXIT:
+            if not self.spool.is_dir():
+                log.info("the spool is gone (the member was removed or restarted its restore)")
+                return
             requests = {p.name for p in self.spool.glob("want.*")}
             for request in requests - self.answered:
                 last_request = time.monotonic()

@@ -23,6 +23,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .. import process
 from ..errors import DbplaneError
 from ..models import DatabaseSpec, KmsKey, PlatformConfig, RepositorySpec, RestoreSource
 from ..security.kms import Kms, load_root_key
@@ -162,17 +163,17 @@ def main() -> None:
 
 
 def start_prefetcher(member_dir: Path, plan: Plan) -> None:
+    """(Re)start the member's WAL prefetcher: one left by an earlier bootstrap attempt is
+    stopped first, so that it cannot serve the new spool."""
+    process.stop(member_dir / "prefetch.pid", timeout=5)
     spool = Path(plan.spool)
     shutil.rmtree(spool, ignore_errors=True)
     spool.mkdir(mode=0o700)
     (member_dir / "restore-plan.json").write_text(plan.model_dump_json())
     (member_dir / "restore-wal.sh").write_text(SCRIPT.replace("@SPOOL@", str(spool)))
-    log_file = open(member_dir / "prefetch.log", "ab")
-    subprocess.Popen([sys.executable, "-m", "dbplane.backup.prefetch",
-                      str(member_dir / "restore-plan.json")],
-                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                     start_new_session=True, cwd=str(member_dir), env={**os.environ})
-
+    process.start([sys.executable, "-m", "dbplane.backup.prefetch", str(member_dir / "restore-plan.json")],
+                  member_dir / "prefetch.pid", member_dir / "prefetch.log", env={**os.environ},
+                  cwd=str(member_dir))
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ from ..models import (
 )
 from ..security.kms import Kms, load_kms
 from ..store import Store, keys
-from .archiver import Archiver, Target
+from .archiver import ArchiveGap, Archiver, Target
 from .housekeeping import Housekeeper
 from .jobs import Job
 from .replication import ReplicationError, StreamEnded
@@ -50,6 +50,8 @@ class BackupWorker:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="backup-io")
         self.housekeeper = Housekeeper(self.executor, bin_dir)
         self.tasks: dict[str, asyncio.Task] = {}
+        self.fresh: set[str] = set()            # databases whose archive starts again (a gap)
+        self.task_settings: dict[str, tuple] = {}
         self.kms: Kms | None = None
         self._stopping = asyncio.Event()
 
@@ -113,11 +115,13 @@ class BackupWorker:
                 if spec.backup.enabled and (not spec.deleting or spec.final_snapshot):
                     specs[spec.name] = spec
         for db, task in list(self.tasks.items()):
-            if db not in specs or task.done():
+            # a changed repository, key or timeout applies at once: the stream starts again
+            if db not in specs or task.done() or self.task_settings.get(db) != archive_settings(specs[db]):
                 task.cancel()
                 del self.tasks[db]
-        for db in specs:
+        for db, spec in specs.items():
             if db not in self.tasks:
+                self.task_settings[db] = archive_settings(spec)
                 self.tasks[db] = asyncio.create_task(self.archive(store, lease, db), name=f"archive-{db}")
         records = await store.list(keys.backups(), BackupRecord)
         await self.run_backups(store, records)
@@ -177,12 +181,21 @@ class BackupWorker:
                 continue
             try:
                 archiver = await self.new_archiver(store, spec)
+                archiver.start_fresh = db in self.fresh
+                self.fresh.discard(db)
                 await archiver.run(target)
             except asyncio.CancelledError:
                 raise
             except StreamEnded as e:
                 log.info("%s: %s; reconnecting", db, e)    # a switchover or shutdown
                 await asyncio.sleep(0.5)
+            except ArchiveGap as e:
+                log.warning("%s: %s; the archive starts again now", db, e)
+                event = Event(database=db, kind="archive-gap",
+                              message=f"{e}; archiving starts again at the present: restores cannot "
+                                      "cross the gap, backups taken from now on restore")
+                await store.put(keys.event(db, event.id), event)
+                self.fresh.add(db)
             except Exception as e:
                 if not isinstance(e, (ReplicationError, DbplaneError, OSError)):
                     log.exception("%s: archiver failed", db)      # a bug: keep the traceback
@@ -199,7 +212,7 @@ class BackupWorker:
         repo_spec = await store.get(keys.repository(spec.backup.repository), RepositorySpec)
         if repo_spec is None:
             raise DbplaneError(f"repository {spec.backup.repository!r} does not exist",
-                               "create it or choose another with 'dbplane db modify --backup-repository'",
+                               "create it or choose another with 'dbplane backup modify DB --repository R'",
                                code="repository_not_found")
         repo = open_repository(repo_spec)
         last = {"at": 0.0, "state": ""}
@@ -243,3 +256,8 @@ class BackupWorker:
             await store.put(keys.event(spec.name, event.id), event)
         await store.put(keys.archive_status(spec.name), status.model_copy(update={
             "state": state, "error": message, "worker": self.host, "updated_at": time.time()}))
+
+
+def archive_settings(spec: DatabaseSpec) -> tuple:
+    """What an archive stream was started with; a change restarts it."""
+    return (spec.archive_id, spec.backup.repository, spec.backup.kms_key, spec.backup.archive_timeout)

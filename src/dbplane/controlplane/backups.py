@@ -8,12 +8,13 @@ expired ones (backup/worker.py)."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ..errors import DbplaneError
-from ..models import ArchiveStatus, BackupRecord, DatabaseSpec
+from ..models import ARCHIVE_SLOT, ArchiveStatus, BackupRecord, DatabaseSpec
 from ..parameters import engine_parameters
 from ..store import keys
 from .operations import record_event
@@ -61,8 +62,10 @@ def due_backup(spec: DatabaseSpec, backups: list[BackupRecord], at: float,
     settings = spec.backup
     if at < retry_after(backups):
         return None
+    # a chain lives in one repository: after a change of repository, a full backup first
     auto = sorted((b for b in backups if not b.manual and b.archive_id == spec.archive_id
-                   and b.state == "available"), key=lambda b: b.started_at)
+                   and b.state == "available" and b.repository == settings.repository),
+                  key=lambda b: b.started_at)
     fulls = [b for b in auto if b.kind == "full"]
     if not fulls:
         return ("full", "")                  # the first one does not wait for the window
@@ -112,6 +115,7 @@ async def ensure_backups(p: Pass, spec: DatabaseSpec) -> None:
     if status is None or not status.ever_available:
         return
     await ensure_assigned(p, spec)
+    await ensure_archive_slot(p, spec)
     now = time.time()
     backups = p.snap.backups(spec.name)
     if not spec.backup.enabled:
@@ -139,6 +143,25 @@ async def ensure_backups(p: Pass, spec: DatabaseSpec) -> None:
                     key=lambda b: b.started_at)
     for b in failed[:-KEEP_FAILED]:
         await p.store.delete(keys.backup(spec.name, b.id))   # its files were removed on failure
+
+
+async def ensure_archive_slot(p: Pass, spec: DatabaseSpec) -> None:
+    """The archiver's permanent slot exists only while backups are on: with nobody reading
+    it, it would hold WAL on the primary until the disk fills. Patroni creates and drops
+    permanent slots as its dynamic configuration (in etcd) lists them."""
+    config_key = keys.patroni_scope(spec.name) + "config"
+    raw = p.snap.raw.get(config_key)
+    if raw is None:
+        return
+    config = json.loads(raw)
+    slots = dict(config.get("slots") or {})
+    if spec.backup.enabled == (ARCHIVE_SLOT in slots):
+        return
+    if spec.backup.enabled:
+        slots[ARCHIVE_SLOT] = {"type": "physical"}
+    else:
+        slots.pop(ARCHIVE_SLOT)
+    await p.store.put(config_key, {**config, "slots": slots})
 
 
 async def ensure_assigned(p: Pass, spec: DatabaseSpec) -> None:

@@ -4,6 +4,7 @@ acts (and lets the next pass see the result) or finds nothing to do."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +313,9 @@ async def ensure_deleted(p: Pass, spec: DatabaseSpec) -> None:
     for key in (keys.secrets(spec.name), keys.database_status(spec.name),
                 keys.archive_status(spec.name), keys.restore_failed(spec.name)):
         await p.store.delete(key)
+    # its archived WAL goes too (snapshots keep the WAL they need in themselves)
+    repositories = [r for r in (spec.backup.repository, spec.backup.copy_to) if r]
+    await p.store.put(keys.archive_removal(spec.archive_id), json.dumps(repositories))
     for b in p.snap.backups(spec.name):      # automated backups go with the database (as on RDS)
         if not b.manual and b.state not in ("expired", "deleting"):
             await p.store.put(keys.backup(spec.name, b.id), b.model_copy(update={"state": "expired"}))

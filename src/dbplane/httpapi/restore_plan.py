@@ -99,6 +99,9 @@ async def to_point_in_time(s: Store, body, backups: list[BackupRecord]) -> Resto
                            f"{_utc(earliest)} to {_utc(latest)}",
                            "choose a time inside it, or --latest", code="restore_time_out_of_window")
     chain = base_for(backups, spec.archive_id, at)
+    if not chain:
+        raise Conflict(f"no complete backup chain of {spec.name} is consistent before {_utc(at)}",
+                       "choose a later time, or restore a snapshot", code="no_backup")
     return RestoreSource(source_database=spec.name, archive_id=spec.archive_id,
                          repository=chain[-1].repository, chain=[b.id for b in chain],
                          target="latest" if body.latest else "time",

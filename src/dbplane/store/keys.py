@@ -23,6 +23,7 @@ clusters live under PATRONI_NAMESPACE, one scope per database.
   /dbplane/v1/archive/<db>                 ArchiveStatus backup worker
   /dbplane/v1/archive-lock/<db>            host name     backup worker streaming WAL, under a lease
   /dbplane/v1/backup-housekeeper           host name     backup worker removing deleted/expired backups
+  /dbplane/v1/archive-removal/<archive-id> repositories  controller (database deleted), backup worker
   /dbplane/v1/drills/<db>/<id>             DrillRecord   controller, backup worker (checks)
   /dbplane/v1/restore-failed/<db>          message       restore bootstrap command that failed
   /dbplane/v1/kms/keys/<key-id>            KmsKey        API, controller (rotation, deletion)
@@ -187,3 +188,11 @@ def drills(db: str = "") -> str:
 
 def drill(db: str, drill_id: str) -> str:
     return f"{ROOT}drills/{db}/{drill_id}"
+
+
+def archive_removals() -> str:
+    return ROOT + "archive-removal/"
+
+
+def archive_removal(archive_id: str) -> str:
+    return f"{ROOT}archive-removal/{archive_id}"
