@@ -167,6 +167,16 @@ def test_backups_off_at_create_then_on(platform):
     assert "backups    off" in platform.cli("db", "describe", "ar-off").stdout
     r = platform.cli("snapshot", "create", "ar-off", check=False)
     assert r.returncode == 1 and "(backups_disabled)" in r.stderr
+    assert slots(platform, "ar-off") == []          # nothing holds WAL on the primary
     platform.cli("backup", "modify", "ar-off", "--enable")
     wait_for(lambda: (a := platform.describe("ar-off")["backup"]["archive"]) and a["state"] == "streaming",
              60, "the archive to start once backups are on")
+    assert slots(platform, "ar-off") == ["dbplane_archive"]
+    platform.cli("backup", "modify", "ar-off", "--disable")
+    wait_for(lambda: slots(platform, "ar-off") == [], 60, "the archive slot to be dropped")
+
+
+def slots(platform, db: str) -> list[str]:
+    with superuser(platform, db) as c:
+        return [r[0] for r in c.execute("select slot_name from pg_replication_slots "
+                                        "where slot_type = 'physical' and slot_name like 'dbplane%'")]
