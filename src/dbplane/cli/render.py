@@ -21,9 +21,10 @@ def as_json(data) -> None:
 
 
 def when(ts: float | None) -> str:
+    """UTC, in the form `db restore --to-time` takes, so a time shown can be pasted back."""
     if not ts:
         return ""
-    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def table(rows: Iterable[dict], columns: list[tuple[str, str]], title: str | None = None) -> None:
