@@ -254,8 +254,10 @@ class BackupWorker:
             event = Event(database=spec.name, kind="archive-failing",
                           message=f"WAL archiving to {spec.backup.repository} fails: {message}")
             await store.put(keys.event(spec.name, event.id), event)
+        since = status.last_archived_at or status.updated_at
         await store.put(keys.archive_status(spec.name), status.model_copy(update={
-            "state": state, "error": message, "worker": self.host, "updated_at": time.time()}))
+            "state": state, "error": message, "worker": self.host, "updated_at": time.time(),
+            "lag_seconds": round(max(status.lag_seconds, time.time() - since), 1)}))
 
 
 def archive_settings(spec: DatabaseSpec) -> tuple:

@@ -495,8 +495,8 @@ def agent(etcd: str = typer.Option(..., help="etcd URL"),
           address: str = typer.Option("127.0.0.1", help="address databases and proxies listen on"),
           proxy_workers: int = typer.Option(1, min=0, max=64,
                                             help="proxy processes on this host (they share the ports)")):
-    """Run a host agent in the foreground: it supervises Patroni + PostgreSQL and the
-    connection proxy here."""
+    """Run a host agent in the foreground: it supervises Patroni + PostgreSQL, the
+    connection proxy and the backup worker (WAL archive, backups, restore checks) here."""
     from ..agent.agent import Agent
     from ..system import ensure_service_account
     _logging(f"agent-{zone}")
