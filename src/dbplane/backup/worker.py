@@ -254,10 +254,11 @@ class BackupWorker:
             event = Event(database=spec.name, kind="archive-failing",
                           message=f"WAL archiving to {spec.backup.repository} fails: {message}")
             await store.put(keys.event(spec.name, event.id), event)
-        since = status.last_archived_at or status.updated_at
+        # nothing is stored while failing: the lag grows by the time since the last report
+        now = time.time()
         await store.put(keys.archive_status(spec.name), status.model_copy(update={
-            "state": state, "error": message, "worker": self.host, "updated_at": time.time(),
-            "lag_seconds": round(max(status.lag_seconds, time.time() - since), 1)}))
+            "state": state, "error": message, "worker": self.host, "updated_at": now,
+            "lag_seconds": round(status.lag_seconds + max(0.0, now - status.updated_at), 1)}))
 
 
 def archive_settings(spec: DatabaseSpec) -> tuple:
