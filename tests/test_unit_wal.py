@@ -1,13 +1,20 @@
 """WAL positions, segment names, timeline histories and which segments a recovery
-needs; the archiver's resume point over a real filesystem repository."""
+needs; the archiver's resume point and the restore prefetcher over a real filesystem
+repository."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from dbplane.backup import wal
 from dbplane.backup.archiver import ResumePoint, resume_point
 from dbplane.backup.fs_repository import FilesystemRepository
+from dbplane.backup.objects import encode
+from dbplane.backup.prefetch import Plan, Prefetcher
+from dbplane.models import RepositorySpec
+from dbplane.security.kms import Kms, new_key
 
 pytestmark = pytest.mark.unit
 
@@ -68,3 +75,31 @@ def test_resume_point(tmp_path):
     # another database's archive is not looked at
     repo.put_bytes("db-10/wal/000000050000000000000009", b"x")
     assert resume_point(repo, "db-1", SEG) == ResumePoint(2, 0x5000000)
+
+
+def test_prefetcher_follows_a_partial_segment_completed_after_its_listing(tmp_path):
+    """The archive replaces a .partial by the whole segment while a restore runs: the
+    prefetcher's listing is stale, and it must fetch the whole segment, not fail."""
+    root = os.urandom(32)
+    key = new_key(root, alias="alias/test")
+    kms = Kms(root, [key])
+    (tmp_path / "repo").mkdir()
+    repo = FilesystemRepository("t", str(tmp_path / "repo"))
+
+    def put(name: str, data: bytes) -> None:
+        dk = kms.generate_data_key("alias/test")
+        repo.put(f"db-1/wal/{name}", encode([data], data_key=dk.plaintext, wrapped_key=dk.wrapped,
+                                            key_id=dk.key_id, key_version=dk.key_version))
+    seg = "000000010000000000000003"
+    put(seg + ".partial", b"a" * 100)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    plan = Plan(etcd="http://127.0.0.1:1", database="db", kms_root_file="",
+                repository=RepositorySpec(name="t", path=str(tmp_path / "repo")),
+                sources=["db-1/wal/"], spool=str(spool))
+    prefetcher = Prefetcher(plan, repo, kms)
+    prefetcher.refresh()
+    put(seg, b"b" * SEG)                               # the segment is complete now ...
+    repo.delete(f"db-1/wal/{seg}.partial")             # ... and its .partial is gone
+    prefetcher.fetch(seg, prefetcher.index[seg + ".partial"])
+    assert (spool / seg).read_bytes() == b"b" * SEG

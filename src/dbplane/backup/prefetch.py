@@ -26,7 +26,7 @@ from ..models import KmsKey, RepositorySpec
 from ..security.kms import Kms, load_root_key
 from ..store import Store, keys
 from .objects import decode
-from .repository import Repository, open_repository
+from .repository import ObjectMissing, Repository, open_repository
 from .wal import SEGMENT_RE, parse_segment_name, segment_name
 
 log = logging.getLogger("dbplane.backup.prefetch")
@@ -82,16 +82,30 @@ class Prefetcher:
         self.index, self.listed_at = index, time.monotonic()
 
     def lookup(self, name: str) -> str | None:
-        key = self.index.get(name) or self.index.get(name + ".partial")
+        """The object holding a file; a segment still being filled in the archive (only a
+        .partial listed) may be complete by now, so it is looked up again then too."""
+        key = self.index.get(name)
         if key is None and time.monotonic() - self.listed_at > REFRESH:
             self.refresh()
-            key = self.index.get(name) or self.index.get(name + ".partial")
-        return key
+            key = self.index.get(name)
+        return key or self.index.get(name + ".partial")
 
     def fetch(self, name: str, key: str) -> None:
         """Decrypt one file into the spool (write, then rename: the script never sees a
-        half-written file). A partial segment is padded with zeros to a whole one."""
-        tmp = self.spool / f".{name}.tmp"
+        half-written file). A partial segment is padded with zeros to a whole one. A
+        .partial the archiver replaced by the whole segment since the listing is looked up
+        again."""
+        try:
+            self._fetch(name, key)
+        except ObjectMissing:
+            self.refresh()
+            newer = self.lookup(name)
+            if newer is None:
+                raise
+            self._fetch(name, newer)
+
+    def _fetch(self, name: str, key: str) -> None:
+        tmp = self.spool / f".{name}.{os.getpid()}.tmp"
         size = 0
         with open(tmp, "wb") as f:
             for chunk in decode(self.repo.open(key), self.kms.decrypt_data_key):
