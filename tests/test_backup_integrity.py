@@ -226,3 +226,20 @@ def test_copy_to_s3_repository_restores_without_the_original(platform, source, s
                  120, "archived WAL to be copied")
     finally:
         platform.cli("backup", "modify", source, "--copy-to", "")
+
+
+def test_restore_with_a_disabled_key_fails_clearly(platform, source):
+    """A backup whose key is disabled cannot be restored, and the restore says so."""
+    platform.cli("kms", "create-key", "--alias", "alias/test/ig-own")
+    platform.cli("backup", "modify", source, "--kms-key", "alias/test/ig-own")
+    try:
+        platform.cli("snapshot", "create", source, "--id", "ig-own-key", "--wait", timeout=300)
+        platform.cli("kms", "disable-key", "alias/test/ig-own")
+        r = platform.cli("db", "restore", "ig-key-off", "--from-snapshot", "ig-own-key", "--class", "micro",
+                         "--wait", check=False, timeout=600)
+        assert r.returncode == 1 and "is disabled" in r.stderr, r.stderr
+        wait_for(lambda: platform.api.get("/v1/databases/ig-key-off").status_code == 404, 120,
+                 "the failed restore to be rolled back")
+    finally:
+        platform.cli("kms", "enable-key", "alias/test/ig-own")
+        platform.cli("backup", "modify", source, "--kms-key", "alias/dbplane/backup")

@@ -69,14 +69,19 @@ def test_point_in_time_restore_returns_exactly_the_first_batch(platform, source)
     assert platform.describe("rs-pitr")["status"] == "available"
 
 
-def test_snapshot_restore(platform, source):
+def test_snapshot_restore_to_multi_az(platform, source):
     insert(platform, source, ["before-snapshot"])
     platform.cli("snapshot", "create", source, "--id", "rs-snap-1", "--wait", timeout=300)
     insert(platform, source, ["after-snapshot"])
     platform.cli("db", "restore", "rs-from-snap", "--from-snapshot", "rs-snap-1", "--class", "micro",
-                 "--wait", timeout=600)
+                 "--multi-az", "--wait", timeout=600)
     restored = rows(platform, "rs-from-snap")
     assert restored[-1] == "before-snapshot" and "after-snapshot" not in restored
+    # the standby is cloned from the restored primary and follows it synchronously
+    wait_for(lambda: platform.member("rs-from-snap", "sync_standby")["state"] == "streaming", 120,
+             "the restored database's synchronous standby")
+    r = platform.cli("db", "restore", "rs-from-snap", "--from-snapshot", "rs-snap-1", check=False)
+    assert r.returncode == 1 and "(database_exists)" in r.stderr
 
 
 def test_delete_with_final_snapshot_keeps_a_restorable_snapshot(platform, source):
