@@ -354,7 +354,8 @@ def test_a_repository_in_use_cannot_be_deleted(platform, db, directory, records)
         os.chown(directory, account.pw_uid, account.pw_gid)
     platform.cli("repository", "create", "bk-used", "--kind", "filesystem", "--path", str(directory))
     generation = spec_of(platform, db).generation
-    platform.cli("backup", "modify", db, "--copy-to", "bk-used")
+    # backups off: naming the repository is enough to hold it, without real copies landing there
+    platform.cli("backup", "modify", db, "--copy-to", "bk-used", "--disable")
     try:
         one_line_error(platform.cli("repository", "delete", "bk-used", check=False),
                        f"database {db} (copies its backups into it)", "(repository_in_use)")
@@ -362,7 +363,7 @@ def test_a_repository_in_use_cannot_be_deleted(platform, db, directory, records)
         assert f"database {db} (copies its backups into it)" in \
             platform.cli_json("repository", "describe", "bk-used")["used_by"]
     finally:
-        platform.cli("backup", "modify", db, "--copy-to", "")
+        platform.cli("backup", "modify", db, "--copy-to", "", "--enable")
     assert spec_of(platform, db).backup.copy_to == "" and spec_of(platform, db).generation == generation
     snap = records(id="bk-ghost-in-used", manual=True, state="available", repository="bk-used")
     err = api_error(platform.api.delete("/v1/repositories/bk-used"), 409, "repository_in_use")
