@@ -40,6 +40,7 @@ log = logging.getLogger("dbplane.backup.housekeeping")
 SEG_SIZE = 16 * 1024 * 1024
 WAL_EXPIRY_INTERVAL = 600.0      # s between looks at one archive's old WAL
 WAL_SYNC_INTERVAL = 30.0         # s between copies of new archived WAL to a second repository
+COPY_RETRY = 60.0                # s before a backup copy that failed is tried again
 
 
 class Housekeeper:
@@ -48,6 +49,7 @@ class Housekeeper:
         self.bin_dir = bin_dir
         self.wal_checked: dict[str, float] = {}     # archive id -> monotonic time
         self.wal_synced: dict[str, float] = {}      # archive id -> monotonic time of the last copy
+        self.copy_tried: dict[str, float] = {}      # backup id -> monotonic time of the last copy try
 
     async def _io(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -77,7 +79,8 @@ class Housekeeper:
                 elif r.state == "available" and r.verify_requested_at and \
                         (r.verified_at or 0) < r.verify_requested_at:
                     await self.verify(store, r, kms)
-                elif r.state == "available" and set(r.copy_requested) - set(r.copies):
+                elif r.state == "available" and set(r.copy_requested) - set(r.copies) \
+                        and due(self.copy_tried, r.id, COPY_RETRY):
                     await self.copy(store, r, kms)
             except DbplaneError as e:
                 log.warning("%s: backup %s: %s; retrying", r.database, r.id, e)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import psycopg
 
 from ..errors import DbplaneError
-from ..models import ArchiveStatus, BackupRecord, DatabaseSecrets, Event, MemberSpec
+from ..models import ArchiveStatus, BackupRecord, DatabaseSecrets, DatabaseSpec, Event, MemberSpec
 from ..security.kms import Kms, current_version
 from ..store import Store, keys
 from . import fingerprint
@@ -159,6 +159,14 @@ class Job:
                                "the controller assigns another source on the next attempt")
         return Source(member.address, member.pg_port, secrets.replication)
 
+    async def check_wanted(self) -> None:
+        """A backup of a database that is gone or whose backups were turned off stops at
+        once instead of waiting for WAL that will not come."""
+        spec = await self.store.get(keys.database_spec(self.record.database), DatabaseSpec)
+        if spec is None or not spec.backup.enabled or (spec.deleting and not spec.final_snapshot):
+            raise BackupFailed(f"backups of {self.record.database} were turned off or it is being deleted",
+                               "turn them on with 'dbplane backup modify DB --enable' and take it again")
+
     async def wait_streaming(self) -> None:
         """The archive must stream before the backup starts: the backup needs the WAL from
         its start on, and WAL from before the archive began is nowhere (a new database's
@@ -170,6 +178,7 @@ class Job:
             if (status and status.archive_id == self.record.archive_id and status.state == "streaming"
                     and status.archived_lsn):
                 return
+            await self.check_wanted()
             await asyncio.sleep(0.5)
         why = f": {status.error}" if status and status.error else ""
         raise BackupFailed(f"the WAL archive of {self.record.database} is not streaming{why}",
@@ -184,6 +193,7 @@ class Job:
             if (status and status.archive_id == self.record.archive_id and status.archived_lsn
                     and status.timeline >= tli and parse_lsn(status.archived_lsn) >= stop):
                 return
+            await self.check_wanted()
             await asyncio.sleep(0.5)
         raise BackupFailed(f"the WAL archive did not reach the backup's stop point {format_lsn(stop)} "
                            f"within {ARCHIVE_WAIT:.0f} s",

@@ -38,6 +38,7 @@ LOCK_TTL = 10                 # s: another worker takes a database's archive ove
 PASS_INTERVAL = 2.0
 PUBLISH_INTERVAL = 5.0        # s between archive status writes when nothing else changed
 RELEASE_AFTER_FAILURES = 3    # let another host's worker try after this many failures in a row
+MAX_JOBS = 3                  # base backups taken at once on one host
 
 
 class BackupWorker:
@@ -45,8 +46,7 @@ class BackupWorker:
         self.etcd_url = etcd_url
         self.host = host
         self.bin_dir = bin_dir
-        self.backup: asyncio.Task | None = None     # one base backup at a time per host
-        self.backup_id = ""
+        self.jobs: dict[str, asyncio.Task] = {}     # backup id -> the job taking it here
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="backup-io")
         self.housekeeper = Housekeeper(self.executor, bin_dir)
         self.tasks: dict[str, asyncio.Task] = {}
@@ -134,9 +134,11 @@ class BackupWorker:
     # -- base backups -------------------------------------------------------------------------
 
     async def run_backups(self, store: Store, records: list[BackupRecord]) -> None:
-        busy = self.backup is not None and not self.backup.done()
+        """Take the backups assigned to this host, a few at once: one waiting for its WAL
+        must not hold up the others."""
+        self.jobs = {i: t for i, t in self.jobs.items() if not t.done()}
         for r in records:
-            if r.host == self.host and r.state == "running" and not (busy and r.id == self.backup_id):
+            if r.host == self.host and r.state == "running" and r.id not in self.jobs:
                 r = await store.get(keys.backup(r.database, r.id), BackupRecord)
                 if r is None or r.state != "running":
                     continue                        # it just finished
@@ -148,22 +150,21 @@ class BackupWorker:
                 await store.put(keys.backup(r.database, r.id), r.model_copy(update={
                     "state": "failed", "error": "interrupted: the backup worker restarted",
                     "finished_at": time.time()}))
-        pending = sorted((r for r in records if r.host == self.host and r.state == "pending"),
-                         key=lambda r: r.started_at)
-        if busy or not pending or self.kms is None:
+        pending = sorted((r for r in records if r.host == self.host and r.state == "pending"
+                          and r.id not in self.jobs), key=lambda r: r.started_at)
+        if self.kms is None:
             return
-        record = pending[0]
-        spec = await store.get(keys.database_spec(record.database), DatabaseSpec)
-        repo_spec = await store.get(keys.repository(record.repository), RepositorySpec)
-        if spec is None or repo_spec is None:
-            await store.put(keys.backup(record.database, record.id), record.model_copy(update={
-                "state": "failed", "finished_at": time.time(),
-                "error": f"database {record.database} or repository {record.repository} is gone"}))
-            return
-        job = Job(store, record, open_repository(repo_spec), self.kms, spec.backup.kms_key,
-                  self.executor, self.bin_dir, self.host)
-        self.backup_id = record.id
-        self.backup = asyncio.create_task(job.run(), name=f"backup-{record.id}")
+        for record in pending[:max(0, MAX_JOBS - len(self.jobs))]:
+            spec = await store.get(keys.database_spec(record.database), DatabaseSpec)
+            repo_spec = await store.get(keys.repository(record.repository), RepositorySpec)
+            if spec is None or repo_spec is None:
+                await store.put(keys.backup(record.database, record.id), record.model_copy(update={
+                    "state": "failed", "finished_at": time.time(),
+                    "error": f"database {record.database} or repository {record.repository} is gone"}))
+                continue
+            job = Job(store, record, open_repository(repo_spec), self.kms, spec.backup.kms_key,
+                      self.executor, self.bin_dir, self.host)
+            self.jobs[record.id] = asyncio.create_task(job.run(), name=f"backup-{record.id}")
 
     # -- one database's archive ------------------------------------------------------------
 

@@ -133,7 +133,7 @@ async def ensure_backups(p: Pass, spec: DatabaseSpec) -> None:
             await p.store.create(keys.backup(spec.name, record.id), record)
     if spec.backup.copy_to:            # the cross-region copy of every new backup
         for b in backups:
-            if b.state == "available" and b.archive_id == spec.archive_id \
+            if b.usable and b.archive_id == spec.archive_id \
                     and spec.backup.copy_to not in b.copies + b.copy_requested:
                 await p.store.put(keys.backup(spec.name, b.id), b.model_copy(
                     update={"copy_requested": [*b.copy_requested, spec.backup.copy_to]}))
