@@ -85,8 +85,11 @@ class Job:
         secrets = await self.store.get(keys.secrets(r.database), DatabaseSecrets)
         stored += await self._io(self.write, prefix + "secrets.json", secrets.model_dump_json().encode())
         await self.take_fingerprint(source)
-        await self.wait_archived(result.timeline, result.stop_lsn)
-        stored += await self._io(self.copy_wal, result.timeline, result.start_lsn, result.stop_lsn)
+        # the backup keeps the WAL up to its fingerprint too: a drill of it (or a restore of
+        # a snapshot) needs nothing from the archive, whose old WAL retention removes
+        end = max(result.stop_lsn, parse_lsn(self.record.fingerprint_lsn or "0/0"))
+        await self.wait_archived(result.timeline, end)
+        stored += await self._io(self.copy_wal, result.timeline, result.start_lsn, end)
         finished = time.time()
         checked = await self._io(verify, self.repo, self.kms, self.record)
         if not checked.ok:
