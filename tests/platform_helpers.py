@@ -95,6 +95,11 @@ class Platform:
         return r.json()
 
     def create(self, name: str, *args: str) -> dict:
+        """A micro database; without backups unless asked for with "--backups" (dozens of
+        databases share the session's platform on 2 cores: only the backup tests need
+        their archives and backups)."""
+        if "--backups" not in args:
+            args = (*args, "--no-backups")
         self.cli("db", "create", name, "--class", "micro", "--wait", *args)
         return self.describe(name)
 

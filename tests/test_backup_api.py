@@ -54,7 +54,7 @@ def get_record(platform, record: BackupRecord) -> BackupRecord | None:
 
 @pytest.fixture(scope="module")
 def db(platform):
-    platform.create(DB)
+    platform.create(DB, "--backups")
     return DB
 
 

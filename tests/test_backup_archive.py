@@ -82,7 +82,7 @@ def switch_wal(platform, db: str) -> tuple[str, int, int]:
 
 @pytest.fixture(scope="module")
 def archived(platform):
-    platform.create(DB, "--multi-az")
+    platform.create(DB, "--multi-az", "--backups")
     return Archive(platform, DB)
 
 

@@ -30,6 +30,11 @@ MARKER = "plaintext-marker-7d3a91"
 DAY = 86400.0
 
 
+def restore(platform, name: str, *args: str, **kw):
+    """`db restore` of a database the test only reads (no archive or backups of its own)."""
+    return platform.cli("db", "restore", name, "--no-backups", *args, **kw)
+
+
 def records(platform, db: str = DB) -> list[BackupRecord]:
     raw = Gateway(platform.info.etcd_url).get_prefix(keys.backups(db)).values()
     return sorted((BackupRecord.model_validate_json(v) for v in raw), key=lambda b: b.started_at)
@@ -45,7 +50,7 @@ def backup_dir(platform, record: BackupRecord):
 
 @pytest.fixture(scope="module")
 def source(platform):
-    platform.create(DB)
+    platform.create(DB, "--backups")
     with platform.connect(DB) as c:
         c.execute("create table items (id serial primary key, note text)")
         c.execute("insert into items (note) select %s || g from generate_series(1, 2000) g", (MARKER,))
@@ -74,7 +79,7 @@ def test_verification_finds_a_damaged_backup(platform, source):
     assert r.returncode == 1 and "(backup_corrupt)" in r.stderr and "failed authentication" in r.stderr
     assert any(e["kind"] == "backup-verify-failed" and "ig-damaged" in e["message"]
                for e in platform.cli_json("events", source))
-    r = platform.cli("db", "restore", "ig-from-damaged", "--from-snapshot", "ig-damaged", check=False)
+    r = restore(platform, "ig-from-damaged", "--from-snapshot", "ig-damaged", check=False)
     assert r.returncode == 1 and "(snapshot_damaged)" in r.stderr
 
 
@@ -88,7 +93,7 @@ def test_incremental_chain_restore(platform, source):
     with platform.connect(source) as c:
         expected = c.execute("select count(*) from items").fetchone()[0]
     assert inc.parent and inc.size_bytes < next(b for b in records(platform) if b.id == inc.parent).size_bytes
-    platform.cli("db", "restore", "ig-from-inc", "--from-snapshot", inc.id, "--class", "micro", "--wait",
+    restore(platform, "ig-from-inc", "--from-snapshot", inc.id, "--class", "micro", "--wait",
                  timeout=600)
     with platform.connect("ig-from-inc") as c:
         assert c.execute("select count(*) from items").fetchone()[0] == expected
@@ -102,7 +107,7 @@ def test_key_rotation_keeps_old_backups_restorable_and_guards_deletion(platform,
     platform.cli("snapshot", "create", source, "--id", "ig-rotated", "--wait", timeout=300)
     new = next(b for b in records(platform) if b.id == "ig-rotated")
     assert new.kms_key_id == old.kms_key_id and new.kms_key_version == old.kms_key_version + 1
-    platform.cli("db", "restore", "ig-old-key", "--from-snapshot", "ig-plain", "--class", "micro",
+    restore(platform, "ig-old-key", "--from-snapshot", "ig-plain", "--class", "micro",
                  "--wait", timeout=600)
     with platform.connect("ig-old-key") as c:
         assert c.execute("select count(*) from items").fetchone()[0] >= 2000
@@ -204,7 +209,7 @@ def test_copy_to_s3_repository_restores_without_the_original(platform, source, s
     hidden = original.with_name(original.name + ".hidden")
     original.rename(hidden)                  # the original repository lost it
     try:
-        r = platform.cli("db", "restore", "ig-from-far", "--from-snapshot", "ig-plain", "--class", "micro",
+        r = restore(platform, "ig-from-far", "--from-snapshot", "ig-plain", "--class", "micro",
                          "--repository", "ig-far", "--wait", timeout=600)
         assert r.returncode == 0
         with platform.connect("ig-from-far") as c:
@@ -213,7 +218,7 @@ def test_copy_to_s3_repository_restores_without_the_original(platform, source, s
     finally:
         hidden.rename(original)
     uncopied = next(b for b in records(platform) if b.usable and "ig-far" not in b.copies)
-    r = platform.cli("db", "restore", "ig-no-copy", "--from-snapshot", uncopied.id, "--repository", "ig-far",
+    r = restore(platform, "ig-no-copy", "--from-snapshot", uncopied.id, "--repository", "ig-far",
                      check=False)
     assert r.returncode == 1 and "(no_copy)" in r.stderr
     # automatic copies: every backup of the database and its archived WAL follow
@@ -235,7 +240,7 @@ def test_restore_with_a_disabled_key_fails_clearly(platform, source):
     try:
         platform.cli("snapshot", "create", source, "--id", "ig-own-key", "--wait", timeout=300)
         platform.cli("kms", "disable-key", "alias/test/ig-own")
-        r = platform.cli("db", "restore", "ig-key-off", "--from-snapshot", "ig-own-key", "--class", "micro",
+        r = restore(platform, "ig-key-off", "--from-snapshot", "ig-own-key", "--class", "micro",
                          "--wait", check=False, timeout=600)
         assert r.returncode == 1 and "is disabled" in r.stderr, r.stderr
         wait_for(lambda: platform.api.get("/v1/databases/ig-key-off").status_code == 404, 120,

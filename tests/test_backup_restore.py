@@ -19,6 +19,11 @@ pytestmark = pytest.mark.integration
 DB = "rs-src"
 
 
+def restore(platform, name: str, *args: str, **kw):
+    """`db restore` of a database the test only reads (no archive or backups of its own)."""
+    return platform.cli("db", "restore", name, "--no-backups", *args, **kw)
+
+
 def rows(platform, db: str, table: str = "items") -> list[str]:
     with platform.connect(db) as c:
         return [r[0] for r in c.execute(f"select note from {table} order by id").fetchall()]
@@ -38,7 +43,7 @@ def backups(platform, db: str, state: str = "available") -> list[BackupRecord]:
 
 @pytest.fixture(scope="module")
 def source(platform):
-    platform.create(DB, "--multi-az")          # backups are taken from the standby
+    platform.create(DB, "--multi-az", "--backups")   # backups are taken from the standby
     insert(platform, DB, ["first-1", "first-2"])
     # the first automated backup is taken as soon as the archive streams
     wait_for(lambda: backups(platform, DB), 120, "the first automated backup")
@@ -61,7 +66,7 @@ def test_point_in_time_restore_returns_exactly_the_first_batch(platform, source)
     wait_for(lambda: platform.describe(source)["backup"]["latest_restorable_time"] > target + 1,
              60, "the archive to pass the target time")
     iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(target)) + f".{int(target % 1 * 1e6):06d}Z"
-    platform.cli("db", "restore", "rs-pitr", "--from", source, "--to-time", iso, "--class", "micro",
+    restore(platform, "rs-pitr", "--from", source, "--to-time", iso, "--class", "micro",
                  "--wait", timeout=600)
     assert rows(platform, "rs-pitr") == ["first-1", "first-2", "batch1-a", "batch1-b"]
     with platform.connect("rs-pitr") as c:        # a new database: it takes writes
@@ -92,7 +97,7 @@ def test_delete_with_final_snapshot_keeps_a_restorable_snapshot(platform, source
     # automated backups go with the database; the snapshot stays
     wait_for(lambda: [s["id"] for s in platform.cli_json("snapshot", "list", "--database", "rs-from-snap")]
              == ["rs-final"], 60, "only the final snapshot to be left")
-    platform.cli("db", "restore", "rs-after-delete", "--from-snapshot", "rs-final", "--class", "micro",
+    restore(platform, "rs-after-delete", "--from-snapshot", "rs-final", "--class", "micro",
                  "--wait", timeout=600)
     assert rows(platform, "rs-after-delete")[-1] == "before-snapshot"
 
@@ -102,7 +107,7 @@ def test_latest_restore_has_everything_archived(platform, source):
     wait_for(lambda: platform.describe(source)["backup"]["archive"]["lag_bytes"] == 0, 30,
              "the archive to catch up")
     time.sleep(0.5)
-    platform.cli("db", "restore", "rs-latest", "--from", source, "--latest", "--class", "micro",
+    restore(platform, "rs-latest", "--from", source, "--latest", "--class", "micro",
                  "--wait", timeout=600)
     assert "latest-marker" in rows(platform, "rs-latest")
 
@@ -118,7 +123,7 @@ def test_restore_replays_across_a_failover(platform, source):
     wait_for(lambda: (a := platform.describe(source)["backup"]["archive"])["timeline"] > tli
              and a["lag_bytes"] == 0, 90, "the archive to follow the new timeline")
     time.sleep(0.5)
-    platform.cli("db", "restore", "rs-after-fo", "--from", source, "--latest", "--class", "micro",
+    restore(platform, "rs-after-fo", "--from", source, "--latest", "--class", "micro",
                  "--wait", timeout=600)
     restored = rows(platform, "rs-after-fo")
     assert restored[-2:] == ["before-failover", "after-failover"]
@@ -127,7 +132,7 @@ def test_restore_replays_across_a_failover(platform, source):
 def test_restore_refuses_to_skip_a_gap_in_the_archive(platform):
     """A missing segment in the middle of the archive fails the restore, naming the gap,
     instead of ending recovery there as if the WAL ended."""
-    platform.create("rs-gap")
+    platform.create("rs-gap", "--backups")
     insert(platform, "rs-gap", ["base"])
     wait_for(lambda: backups(platform, "rs-gap"), 120, "the first automated backup")
     secrets = DatabaseSecrets.model_validate_json(Gateway(platform.info.etcd_url).get(keys.secrets("rs-gap")))
@@ -141,7 +146,7 @@ def test_restore_refuses_to_skip_a_gap_in_the_archive(platform):
     archive = platform.root / "backups" / backups(platform, "rs-gap")[0].archive_id / "wal"
     wait_for(lambda: (archive / names[-1]).exists(), 60, "the last segment in the archive")
     (archive / names[1]).unlink()
-    r = platform.cli("db", "restore", "rs-gap-r", "--from", "rs-gap", "--latest", "--class", "micro",
+    r = restore(platform, "rs-gap-r", "--from", "rs-gap", "--latest", "--class", "micro",
                      "--wait", check=False, timeout=600)
     assert r.returncode == 1 and f"WAL segment {names[1]} is missing from the archive" in r.stderr, r.stderr
     wait_for(lambda: platform.api.get("/v1/databases/rs-gap-r").status_code == 404, 120,
@@ -157,7 +162,7 @@ def test_restore_refuses_to_skip_a_gap_in_the_archive(platform):
     (("--from", DB, "--to-time", "yesterday"), "invalid_time"),
 ])
 def test_bad_restore_requests_are_refused(platform, source, args, code):
-    r = platform.cli("db", "restore", "rs-bad", *args, check=False)
+    r = restore(platform, "rs-bad", *args, check=False)
     assert r.returncode == 1 and f"({code})" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1
     assert platform.api.get("/v1/databases/rs-bad").status_code == 404

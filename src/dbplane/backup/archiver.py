@@ -138,6 +138,10 @@ class Archiver:
         try:
             self.seg_size = _size(await conn.show("wal_segment_size"))
             system = await conn.identify_system()
+            # until the stream catches up, the server is ahead by at least this much: the
+            # status must not show "0 behind" (and a restorable time) before anything came
+            self.server_end = max(self.server_end, system.xlogpos)
+            self.received.append((system.xlogpos, time.time()))
             loop = asyncio.get_running_loop()
             resume = None if self.start_fresh else await loop.run_in_executor(
                 self.executor, resume_point, self.repo, self.archive_id, self.seg_size)
