@@ -85,11 +85,14 @@ class Job:
         secrets = await self.store.get(keys.secrets(r.database), DatabaseSecrets)
         stored += await self._io(self.write, prefix + "secrets.json", secrets.model_dump_json().encode())
         await self.take_fingerprint(source)
-        # the backup keeps the WAL up to its fingerprint too: a drill of it (or a restore of
-        # a snapshot) needs nothing from the archive, whose old WAL retention removes
-        end = max(result.stop_lsn, parse_lsn(self.record.fingerprint_lsn or "0/0"))
+        # the backup keeps the WAL it needs, up to its fingerprint and the record after it (a
+        # drill stops there, and recovery must see a record past its target): restores of
+        # it need nothing from the archive, whose old WAL retention removes
+        end = result.stop_lsn                 # WAL up to here (exclusive) is needed
+        if self.record.fingerprint_lsn:       # a checkpoint followed it: WAL goes on
+            end = max(end, parse_lsn(self.record.fingerprint_lsn) + 1)
         await self.wait_archived(result.timeline, end)
-        stored += await self._io(self.copy_wal, result.timeline, result.start_lsn, end)
+        stored += await self._io(self.copy_wal, result.timeline, result.start_lsn, end - 1)
         finished = time.time()
         checked = await self._io(verify, self.repo, self.kms, self.record)
         if not checked.ok:
@@ -213,8 +216,8 @@ class Job:
                                          key_id=dk.key_id, key_version=dk.key_version))
 
     def copy_wal(self, tli: int, start: int, stop: int) -> int:
-        """Copy the archived segments start..stop (as stored: still encrypted) into the
-        backup; the last may be partial."""
+        """Copy the archived segments holding WAL positions start..stop (inclusive; as
+        stored: still encrypted) into the backup; the last may be partial."""
         r = self.record
         archive = wal_prefix(r.archive_id)
         history = []

@@ -103,7 +103,8 @@ def wal_problems(repo: Repository, kms: Kms, record: BackupRecord, wal_dir: str)
     if record.timeline > 1 and history_name(record.timeline) in names:
         history = parse_history(b"".join(decode(repo.open(wal_dir + history_name(record.timeline)),
                                                 kms.decrypt_data_key)).decode())
-    needed = needed_segments(parse_lsn(record.start_lsn), parse_lsn(record.stop_lsn), SEG_SIZE,
+    # stop_lsn is the end of the backup's last record: WAL up to the byte before it
+    needed = needed_segments(parse_lsn(record.start_lsn), parse_lsn(record.stop_lsn) - 1, SEG_SIZE,
                              history, record.timeline)
     problems = [f"WAL segment {n} is missing" for n in missing_segments(needed, names)]
     for name in sorted(names):
