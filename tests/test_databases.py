@@ -172,8 +172,12 @@ def test_down_and_up_keep_data(platform):
                                         if m["name"] == standby["name"]))["state"] == "streaming" and m,
                      60, "the moved standby to stream")
     assert moved["port"] != standby["port"]
-    with platform.connect("keep") as conn:
-        assert conn.execute("SELECT count(*) FROM kept").fetchone()[0] == 1000
+
+    def kept_rows():
+        with platform.connect("keep") as conn:
+            return conn.execute("SELECT count(*) FROM kept").fetchone()[0]
+    # the proxies route to the primary once its Patroni reports it running again
+    assert wait_for(kept_rows, 60, "the writer endpoint to answer after the restart") == 1000
     # Patroni was paused for the stop and the old primary leads again: no failover
     assert platform.member("keep", "primary")["name"] == primary["name"]
     events = platform.cli_json("events", "keep")
