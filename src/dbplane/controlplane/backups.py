@@ -151,12 +151,14 @@ async def ensure_archive_slot(p: Pass, spec: DatabaseSpec) -> None:
     permanent slots as its dynamic configuration (in etcd) lists them."""
     config_key = keys.patroni_scope(spec.name) + "config"
     raw = p.snap.raw.get(config_key)
+    if raw is None or spec.backup.enabled == (ARCHIVE_SLOT in (json.loads(raw).get("slots") or {})):
+        return
+    # read it again: an earlier step of this pass may have changed it (resume removes pause)
+    raw = await p.store.get_raw(config_key)
     if raw is None:
         return
     config = json.loads(raw)
     slots = dict(config.get("slots") or {})
-    if spec.backup.enabled == (ARCHIVE_SLOT in slots):
-        return
     if spec.backup.enabled:
         slots[ARCHIVE_SLOT] = {"type": "physical"}
     else:
