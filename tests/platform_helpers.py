@@ -110,6 +110,13 @@ class Platform:
     def member(self, name: str, role: str) -> dict:
         return next(m for m in self.describe(name)["members"] if m["role"] == role)
 
+    def delete_all(self, prefix: str) -> None:
+        """Delete (without waiting) every database whose name starts with prefix: a test
+        module's databases should not load the shared platform for the modules after it."""
+        for d in self.api.get("/v1/databases").json():
+            if d["name"].startswith(prefix):
+                self.api.delete(f"/v1/databases/{d['name']}")
+
     def connect(self, name: str, endpoint: str = "writer", **kw) -> psycopg.Connection:
         """Through the proxy's writer or reader endpoint, or to "host:port" (a node)."""
         d = self.describe(name)

@@ -21,6 +21,12 @@ from s3_server import SECRET_KEY, free_port, s3_server_fixture, write_credential
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup(platform):
+    yield
+    platform.delete_all("bk-")
+
 DB = "bk-api"
 GHOST = "bk-ghost"           # a database that does not exist: its records are never touched
 

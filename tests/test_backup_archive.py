@@ -23,6 +23,12 @@ from platform_helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup(platform):
+    yield
+    platform.delete_all("ar-")
+
 SEG = 16 * 1024 * 1024
 DB = "ar-main"
 

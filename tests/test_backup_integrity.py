@@ -25,6 +25,12 @@ from s3_server import s3_server_fixture, write_credentials
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup(platform):
+    yield
+    platform.delete_all("ig-")
+
 DB = "ig-src"
 MARKER = "plaintext-marker-7d3a91"
 DAY = 86400.0

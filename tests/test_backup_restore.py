@@ -16,6 +16,12 @@ from platform_helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup(platform):
+    yield
+    platform.delete_all("rs-")
+
 DB = "rs-src"
 
 

@@ -252,7 +252,7 @@ def test_reader_skips_lagging_replicas(px):
         with px.connect(DB, autocommit=True) as w:
             w.execute("INSERT INTO items SELECT g, 'lag' FROM generate_series(-2000, -1001) g")
         with px.connect(DB, "reader", autocommit=True) as r:
-            wait_for(lambda: r.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False, 15,
+            wait_for(lambda: r.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False, 40,
                      "the reader endpoint to fall back to the primary")
             assert r.execute("SELECT count(*) FROM items WHERE note = 'lag'").fetchone()[0] == 1000
     finally:
@@ -261,7 +261,7 @@ def test_reader_skips_lagging_replicas(px):
             c.close()
         proxy_settings(px, DB, reader_max_lag_bytes=16 * 1024 * 1024)
     with px.connect(DB, "reader", autocommit=True) as r:
-        wait_for(lambda: r.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True, 15,
+        wait_for(lambda: r.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True, 40,
                  "the reader endpoint to use replicas again")
 
 
