@@ -743,8 +743,10 @@ class Bench:
         self.wait_archived("before the point-in-time restore")
         with self.superuser() as c:
             flush = self.archiver_flush(c)
-        time.sleep(6)          # the archive status in etcd (published every 5 s) catches up
-        st = self.archive_status()
+        # the archive status in etcd is published every 5 s: wait for one written after now
+        asked, deadline = time.time(), time.monotonic() + 30
+        while time.monotonic() < deadline and not ((st := self.archive_status()) and st.updated_at > asked):
+            time.sleep(0.2)
         name = "bench-pitr"
         log("point-in-time restore (--latest)")
         op = self.dbplane_restore(1, "pitr", name, "--from", SRC, "--latest")

@@ -369,7 +369,7 @@ def test_s3_check_aborts_stale_uploads(s3):
     repo = s3_repo(s3, stale_upload_age=0)
     other = s3.client().create_multipart_upload(Bucket=s3.bucket, Key="elsewhere/x")["UploadId"]
     s3.client().create_multipart_upload(Bucket=s3.bucket, Key=f"{repo.prefix}/crashed")
-    time.sleep(1.1)
+    time.sleep(1.1)            # S3 records an upload's start in whole seconds: make it older than 0 s
     try:
         repo.check()
         assert s3_uploads(repo) == []
