@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from dbplane.system import etcd_binary
-from platform_helpers import Platform, new_data_root, wait_for
+from platform_helpers import Platform, new_data_root, signed_client, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -154,29 +154,33 @@ def test_components_one_by_one_and_multi_az_needs_two_zones():
                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
                 "--initial-cluster", f"default=http://127.0.0.1:{peer}")
         wait_for(lambda: httpx.get(f"{c.etcd}/health").json()["health"] == "true", 30, "etcd")
+        boot = subprocess.run([sys.executable, "-m", "dbplane", "--data-dir", str(c.root), "bootstrap",
+                               "--etcd", c.etcd], capture_output=True, text=True, timeout=60)
+        assert boot.returncode == 0, boot.stderr
         c.dbplane("controller", "--etcd", c.etcd)
         c.dbplane("api", "--etcd", c.etcd, "--listen", f"127.0.0.1:{c.api_port}")
         c.dbplane("agent", "--etcd", c.etcd, "--zone", "a")
-        wait_for(lambda: len(httpx.get(f"{c.api}/v1/hosts").json()) == 1, 30, "the agent")
+        api = signed_client(c.api, c.root)
+        wait_for(lambda: len(api.get("/v1/hosts").json()) == 1, 30, "the agent")
 
         def cli(*args):
-            return subprocess.run([sys.executable, "-m", "dbplane", "--api", c.api, *args],
-                                  capture_output=True, text=True, timeout=300)
+            return subprocess.run([sys.executable, "-m", "dbplane", "--data-dir", str(c.root),
+                                   "--api", c.api, *args], capture_output=True, text=True, timeout=300)
 
         r = cli("db", "create", "solo", "--multi-az")
         one_line_error(r, "Multi-AZ needs agents in two zones; only zone a has one", "--no-multi-az")
-        assert httpx.get(f"{c.api}/v1/databases").json() == []
+        assert api.get("/v1/databases").json() == []
 
         r = cli("db", "create", "solo", "--class", "micro", "--wait")
         assert r.returncode == 0, r.stderr
-        d = httpx.get(f"{c.api}/v1/databases/solo").json()
+        d = api.get("/v1/databases/solo").json()
         assert d["status"] == "available" and d["multi_az"] is False
         assert [m["role"] for m in d["members"]] == ["primary"]
 
         # etcd goes away: the API answers 503 with a code, the CLI one line, no traceback
         c.procs[0].send_signal(signal.SIGKILL)
         c.procs[0].wait(10)
-        resp = httpx.get(f"{c.api}/v1/databases", timeout=30)
+        resp = api.get("/v1/databases")
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "store_unavailable"
         one_line_error(cli("db", "list"), "etcd at", "is unreachable")
     finally:

@@ -9,6 +9,7 @@ import pytest
 from dbplane.cli import render
 from dbplane.httpapi import proxy_routes
 from dbplane.httpapi.app import create_app
+from dbplane.httpapi.auth import authorize
 from dbplane.httpapi.proxy_routes import aggregate_pools
 from dbplane.models import DatabaseSpec, ProxyInstance, ProxyLimits, ProxyPorts
 from dbplane.store import keys
@@ -97,6 +98,8 @@ def api():
                        **{keys.proxy_instance(p.id): p for p in PROXIES}})
     app = create_app("http://127.0.0.1:1")       # lifespan not run: no etcd needed
     app.state.store = store
+    # authentication has its own tests (test_iam.py); this one is about rendering
+    app.dependency_overrides[authorize] = lambda: None
     return Client(app), store
 
 

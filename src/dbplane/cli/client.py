@@ -9,23 +9,48 @@ import httpx
 
 from ..errors import DbplaneError, PlatformNotRunning
 from ..paths import Layout, data_root
+from ..security import ca, credentials
+from ..security.credentials import Credentials
+from ..security.signing import SigningAuth
+from ..security.tls import verify_for
 
 
 class ApiClient:
-    def __init__(self, base_url: str, timeout: float = 30.0):
+    """Signs every request with the access key of `credentials` (security/signing.py)."""
+
+    def __init__(self, base_url: str, timeout: float = 30.0, credentials: Credentials | None = None,
+                 ca_file: Path | None = None):
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self.credentials = credentials
+        auth = SigningAuth(credentials.key_id, credentials.secret) if credentials else None
+        # an https API is verified against the platform CA (DBPLANE_CA_FILE, or the data root's)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, auth=auth,
+                                  verify=verify_for(self.base_url, ca_file))
 
     @classmethod
-    def from_environment(cls, data_dir: str | None = None, api: str | None = None) -> ApiClient:
+    def from_environment(cls, data_dir: str | None = None, api: str | None = None,
+                         profile: str | None = None) -> ApiClient:
         url = api or os.environ.get("DBPLANE_API")
+        root = data_root(data_dir)
         if not url:
-            url = Layout(data_root(data_dir)).read_platform().api_url
-        return cls(url)
+            url = Layout(root).read_platform().api_url
+        return cls(url, credentials=credentials.resolve(root, profile),
+                   ca_file=Path(os.environ.get("DBPLANE_CA_FILE") or ca.cert_path(root)))
 
     def request(self, method: str, path: str, **kwargs):
         try:
             r = self._http.request(method, path, **kwargs)
+        except httpx.ConnectError as e:
+            if "CERTIFICATE_VERIFY_FAILED" in str(e) or "certificate verify failed" in str(e):
+                raise DbplaneError(
+                    f"the certificate of the dbplane API at {self.base_url} was not verified "
+                    f"({str(e).split(']')[-1].strip()[:120]})",
+                    "get the platform's CA with 'dbplane ca cert --out ca.pem' on its machine and "
+                    "point DBPLANE_CA_FILE at it", code="api_certificate_unverified") from None
+            raise PlatformNotRunning(
+                f"the dbplane API at {self.base_url} is not answering ({type(e).__name__})",
+                "start the platform with 'dbplane up', or check --data-dir / DBPLANE_HOME"
+            ) from None
         except httpx.TransportError as e:
             raise PlatformNotRunning(
                 f"the dbplane API at {self.base_url} is not answering ({type(e).__name__})",

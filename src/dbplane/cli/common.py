@@ -23,13 +23,14 @@ OutputOpt = typer.Option(Output.table, "--output", "-o", help="table or json")
 class _State:
     data_dir: str | None = None
     api: str | None = None
+    profile: str | None = None
 
 
 state = _State()
 
 
 def client() -> ApiClient:
-    return ApiClient.from_environment(state.data_dir, state.api)
+    return ApiClient.from_environment(state.data_dir, state.api, state.profile)
 
 
 def root() -> Path:
