@@ -18,6 +18,9 @@ import psutil
 import psycopg
 
 from dbplane.paths import Layout
+from dbplane.security import ca, credentials
+from dbplane.security.signing import SigningAuth
+from dbplane.security.tls import verify_for
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
@@ -54,6 +57,12 @@ def new_data_root(prefix: str = "dbplane-test-") -> Path:
     return root
 
 
+def signed_client(api_url: str, root: Path, profile: str = "default") -> httpx.Client:
+    creds = credentials.read_profile(credentials.data_root_file(root), profile)
+    return httpx.Client(base_url=api_url, timeout=30, auth=SigningAuth(creds.key_id, creds.secret),
+                        verify=verify_for(api_url, ca.cert_path(root)))    # https: the platform CA
+
+
 class Platform:
     def __init__(self, root: Path):
         self.root = root
@@ -84,8 +93,14 @@ class Platform:
         return self.layout.read_platform()
 
     @property
+    def verify(self):
+        """What httpx should verify the API's certificate with (the platform CA)."""
+        return verify_for(self.info.api_url, ca.cert_path(self.root))
+
+    @property
     def api(self) -> httpx.Client:
-        return httpx.Client(base_url=self.info.api_url, timeout=30)
+        """Signed with user admin's access key, which `up` wrote into the data root."""
+        return signed_client(self.info.api_url, self.root)
 
     # -- databases ---------------------------------------------------------------------
 

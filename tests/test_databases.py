@@ -62,7 +62,8 @@ def test_multi_az_database_survives_node_death(platform):
 
     url = platform.cli("db", "url", "orders").stdout.strip()
     assert url == (f"postgresql://dbadmin@{endpoints['writer']}/postgres"
-                   f"?passfile={platform.layout.pgpass('orders')}")
+                   f"?passfile={platform.layout.pgpass('orders')}"
+                   f"&sslmode=verify-full&sslrootcert={platform.root}/ca/ca.crt")
     assert f"@{endpoints['reader']}/" in platform.cli("db", "url", "orders", "--reader").stdout
     r = platform.cli("db", "connect", "orders", input="SELECT 40 + 2 AS answer;\n")
     assert "42" in r.stdout

@@ -32,7 +32,9 @@ DB = "px-main"
 
 @pytest.fixture(scope="module")
 def px(platform):
-    platform.create(DB, "--multi-az", "--replicas", "1")
+    # the embedded pgbench has no TLS, and RawClient speaks the protocol in the clear:
+    # this database allows plaintext (require_tls is tested in test_tls.py)
+    platform.create(DB, "--multi-az", "--replicas", "1", "--param", "require_tls=off")
     with platform.connect(DB, autocommit=True) as c:
         c.execute("CREATE TABLE items (id bigint PRIMARY KEY, note text)")
     return platform

@@ -19,6 +19,10 @@ MANAGED = {"listen_addresses", "port", "unix_socket_directories", "hba_file", "i
            "restore_command", "recovery_target_timeline", "synchronous_standby_names",
            "hot_standby", "wal_level", "wal_log_hints", "cluster_name"}
 
+# dbplane's own database parameters (like RDS's rds.force_ssl): set with --param like the
+# others, enforced by dbplane, never passed to PostgreSQL. name -> (type, default)
+DBPLANE_PARAMETERS = {"require_tls": ("BOOLEAN", "on")}
+
 _NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(B|kB|MB|GB|TB|us|ms|s|min|h|d)?\s*$")
 _BOOL = {"on", "off", "true", "false", "yes", "no", "1", "0", "t", "f", "y", "n"}
 
@@ -66,7 +70,10 @@ def validate(params: dict[str, str]) -> None:
     cat = catalog()
     for name, value in params.items():
         s = cat.get(name)
-        if s is None:
+        if name in DBPLANE_PARAMETERS:
+            if value.lower() not in _BOOL:
+                problems.append(f"{name} must be on or off, not {value!r}")
+        elif s is None:
             problems.append(f"unknown parameter {name!r}")
         elif name in MANAGED or s.context == "internal":
             problems.append(f"{name} is managed by dbplane and cannot be set")
@@ -158,7 +165,12 @@ BASE_PARAMETERS = {
 def postgres_parameters(spec: DatabaseSpec) -> dict[str, str]:
     """Effective cluster-wide parameters: base, then instance class, then user --param."""
     return {**BASE_PARAMETERS, **engine_parameters(), **get_class(spec.instance_class).settings,
-            **spec.params}
+            **{k: v for k, v in spec.params.items() if k not in DBPLANE_PARAMETERS}}
+
+
+def require_tls(spec: DatabaseSpec) -> bool:
+    """Whether the proxy refuses this database's plaintext clients (on unless turned off)."""
+    return _as_bool(spec.params.get("require_tls", DBPLANE_PARAMETERS["require_tls"][1]))
 
 
 @functools.cache

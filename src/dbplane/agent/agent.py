@@ -9,10 +9,12 @@ keeps its host key alive under a lease, so the controller knows which hosts are 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
 import signal
+import ssl
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,10 +24,10 @@ import psutil
 
 from .. import process
 from ..errors import StoreUnavailable
-from ..models import DatabaseSecrets, DatabaseSpec, Host, MemberSpec, MemberStatus
+from ..models import DatabaseSecrets, DatabaseSpec, Host, MemberSpec, MemberStatus, PlatformConfig
 from ..paths import write_private
 from ..process import RunAs
-from ..security.tls import ensure_self_signed
+from ..security import ca, tls
 from ..store import Store, keys
 from ..system import check_account_can_use, port_free, postgres_bin_dir, venv_python
 from . import adopt, patroni
@@ -88,9 +90,12 @@ class Agent:
         self._storage: dict[str, tuple[int | None, float]] = {}   # member -> (bytes, when)
         self.proxy_workers = proxy_workers
         self.tls_dir = host_dir / "tls"
+        self.root = host_dir.parent.parent         # the data root: the platform CA is under it
+        self.node_tls, self.node_tls_reason = tls.postgres_tls(self.bin_dir)
         self.backup_worker = backup_worker
         self._service_exits: dict[str, int] = {}      # service -> exits in a row
         self._service_next_start: dict[str, float] = {}
+        self.node_addresses: list[str] = [address]     # the platform's hosts, for pg_hba
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -100,10 +105,34 @@ class Agent:
             os.chmod(d, 0o755)
         check_account_can_use(self.run_as, [self.python, self.bin_dir + "/postgres",
                                             str(self.members_dir)])
+        if ca.ensure_ca(self.root):               # a platform started component by component
+            log.info("created the platform CA in %s", ca.ca_dir(self.root))
+        if not self.node_tls:
+            log.warning("node TLS unavailable: %s", self.node_tls_reason)
+        self.ensure_proxy_certificate()
+
+    def ensure_proxy_certificate(self, proxy_host: str = "") -> None:
+        """The proxy's certificate, for the names clients reach it by; re-issued before it
+        expires (the proxy reloads it by itself)."""
         owner = (self.run_as.uid, self.run_as.gid) if self.run_as else None
-        if ensure_self_signed(self.tls_dir / "proxy.crt", self.tls_dir / "proxy.key",
-                              [self.host.address, "localhost", self.host.name], owner):
-            log.info("wrote a self-signed TLS certificate for the proxy in %s", self.tls_dir)
+        why = tls.ensure_leaf(self.root, self.tls_dir / "proxy.crt", self.tls_dir / "proxy.key",
+                              [self.host.address, "localhost", self.host.name, proxy_host], owner)
+        if why:
+            log.info("issued the proxy's TLS certificate in %s (%s)", self.tls_dir, why)
+
+    @functools.cached_property
+    def ca_context(self) -> ssl.SSLContext:
+        """Verifies Patroni's REST API (https, certificates from the platform CA)."""
+        return tls.client_context(ca.cert_path(self.root))
+
+    def member_tls(self, member: MemberSpec, mdir: Path, owner: tuple[int, int] | None
+                   ) -> tuple[patroni.MemberTls, str]:
+        """The member's certificate (PostgreSQL and Patroni's REST API), issued or renewed;
+        and why it was (re-)issued, "" if it was not."""
+        cert, key = mdir / "tls" / "server.crt", mdir / "tls" / "server.key"
+        why = tls.ensure_leaf(self.root, cert, key, [member.address, member.host, "localhost"], owner)
+        return patroni.MemberTls(cert=str(cert), key=str(key), ca=str(ca.cert_path(self.root)),
+                                 postgres=self.node_tls), why
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -152,7 +181,8 @@ class Agent:
     async def _serve(self, store: Store) -> None:
         lease = await self._register(store)
         log.info("agent %s (zone %s) registered", self.host.name, self.host.zone)
-        changes = store.changes(keys.members(), keys.ROOT + "secrets/")
+        # hosts/: pg_hba follows the hosts that join and leave
+        changes = store.changes(keys.members(), keys.ROOT + "secrets/", keys.hosts())
         keepalive = asyncio.create_task(self._keep_alive(store, lease))
         try:
             while not self._stopping.is_set():
@@ -173,8 +203,11 @@ class Agent:
 
     async def reconcile(self, store: Store) -> None:
         self.ensure_services()
-        mine = [m for m in await store.list(keys.members(), MemberSpec)
-                if m.host == self.host.name]
+        config = await store.get(keys.config(), PlatformConfig)
+        self.ensure_proxy_certificate(config.proxy_host if config else "")
+        members = await store.list(keys.members(), MemberSpec)
+        mine = [m for m in members if m.host == self.host.name]
+        self.node_addresses = await self.platform_addresses(store, members)
         for member in mine:
             try:
                 await self.ensure_member(store, member)
@@ -184,6 +217,14 @@ class Agent:
                 log.exception("member %s", member.name)
                 await self.report(store, member, "failed", f"agent error: {e}")
         await self.stop_orphans({m.name for m in mine})
+
+    @staticmethod
+    async def platform_addresses(store: Store, members: list[MemberSpec]) -> list[str]:
+        """Addresses PostgreSQL accepts connections from (pg_hba): the live hosts, and the
+        hosts members are placed on, so that a host whose agent restarts (its key gone
+        for a moment) keeps replicating."""
+        hosts = await store.list(keys.hosts(), Host)
+        return sorted({h.address for h in hosts} | {m.address for m in members if not m.deleting})
 
     async def ensure_member(self, store: Store, member: MemberSpec) -> None:
         mdir = self.members_dir / member.name
@@ -249,23 +290,30 @@ class Agent:
             mdir.mkdir(parents=True, mode=0o700)
             if owner:
                 os.chown(mdir, *owner)
-        text = patroni.render(member, spec, secrets, [self.etcd_url], self.bin_dir, str(mdir))
+        member_tls, reissued = self.member_tls(member, mdir, owner)
+        if reissued:
+            log.info("%s: issued its TLS certificate (%s)", member.name, reissued)
+        text = patroni.render(member, spec, secrets, [self.etcd_url], self.bin_dir, str(mdir),
+                              node_addresses=self.node_addresses, tls=member_tls)
         path = mdir / "patroni.yml"
         if path.exists() and path.read_text() == text:
-            return False
+            return bool(reissued)      # a SIGHUP makes Patroni and PostgreSQL load it
         write_private(path, text, owner=owner)
         return True
 
     def child_env(self) -> dict:
-        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8",
-                "PYTHONUNBUFFERED": "1", "HOME": "/tmp"}
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8",
+               "PYTHONUNBUFFERED": "1", "HOME": "/tmp"}
+        if self.node_tls:           # the proxy and backup worker reach the nodes over TLS only
+            env[tls.NODE_CA_ENV] = str(ca.cert_path(self.root))
+        return env
 
     async def replayed_at(self, member: MemberSpec) -> float | None:
         """When the last transaction this replica replayed was committed on the primary
         (from Patroni's REST API); None on a primary or if Patroni does not answer."""
         try:
-            async with httpx.AsyncClient(timeout=1.0) as http:
-                r = await http.get(f"http://{member.address}:{member.api_port}/patroni")
+            async with httpx.AsyncClient(timeout=1.0, verify=self.ca_context) as http:
+                r = await http.get(f"https://{member.address}:{member.api_port}/patroni")
             stamp = r.json().get("xlog", {}).get("replayed_timestamp")
             return datetime.fromisoformat(stamp).timestamp() if stamp else None
         except (httpx.HTTPError, ValueError):

@@ -3,8 +3,11 @@ database spec and its secrets. Pure functions: no I/O here."""
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import yaml
@@ -27,17 +30,48 @@ def etcd_hosts(etcd_urls: list[str]) -> list[str]:
     return hosts
 
 
+def host_cidr(address: str) -> str:
+    """One host in pg_hba: an IP address as /32 or /128; a host name as it is (PostgreSQL
+    then checks it both ways in DNS)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    return f"{ip}/{ip.max_prefixlen}"
+
+
+def hba_lines(addresses: Iterable[str], ssl_only: bool = False) -> list[str]:
+    """PostgreSQL accepts only the platform's hosts: on them run the proxies, the other
+    members (replication, pg_rewind), the controller and the backup workers. Clients
+    reach a database through the proxy, whose allowlist decides who they may be.
+    ssl_only: hostssl lines, so that a node whose build has TLS accepts no plaintext."""
+    cidrs = sorted({host_cidr(a) for a in addresses})
+    conn = "hostssl" if ssl_only else "host"
+    return ([f"{conn} replication replicator {c} scram-sha-256" for c in cidrs]
+            + [f"{conn} all all {c} scram-sha-256" for c in cidrs])
+
+
+@dataclass(frozen=True)
+class MemberTls:
+    """The member's certificate from the platform CA: Patroni's REST API always serves
+    it; PostgreSQL too when its build has TLS (`postgres`), and then only TLS is accepted."""
+    cert: str
+    key: str
+    ca: str
+    postgres: bool
+
+
 def render(member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,
-           etcd_urls: list[str], bin_dir: str, member_dir: str) -> str:
+           etcd_urls: list[str], bin_dir: str, member_dir: str,
+           node_addresses: Iterable[str] = (), tls: MemberTls | None = None) -> str:
+    """node_addresses: the platform's hosts (the member's own address is always in);
+    tls: the member's certificate (None renders Patroni and PostgreSQL without TLS)."""
     listen_pg = f"{member.address}:{member.pg_port}"
     listen_api = f"{member.address}:{member.api_port}"
     is_replica = member.kind == "replica"
-    hba = [
-        "host replication replicator 0.0.0.0/0 scram-sha-256",
-        "host replication replicator ::/0 scram-sha-256",
-        "host all all 0.0.0.0/0 scram-sha-256",
-        "host all all ::/0 scram-sha-256",
-    ]
+    # only in the local configuration, which wins over the dynamic one: it follows the
+    # hosts (the agent re-renders it and Patroni rewrites pg_hba.conf on SIGHUP)
+    hba = hba_lines([member.address, *node_addresses], ssl_only=tls is not None and tls.postgres)
     config = {
         "scope": spec.name,
         "name": member.name,
@@ -59,7 +93,6 @@ def render(member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,
                     "use_pg_rewind": True,
                     "use_slots": True,
                     "parameters": postgres_parameters(spec),
-                    "pg_hba": hba,
                 },
             },
             "initdb": [{"encoding": "UTF8"}, {"locale": "C"}, "data-checksums"],
@@ -85,9 +118,25 @@ def render(member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,
             "dbplane_host": member.host,
         },
     }
+    if tls is not None:
+        add_tls(config, tls)
     if spec.restore is not None:
         config["bootstrap"].update(restore_bootstrap(spec, etcd_urls, bin_dir, member_dir))
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def add_tls(config: dict, tls: MemberTls) -> None:
+    """Patroni's REST API over https (members verify each other against the CA); with a
+    TLS-capable build, PostgreSQL with ssl=on, and Patroni's own connections (replication,
+    pg_rewind, its local superuser session) verify-full against the CA."""
+    config["restapi"].update({"certfile": tls.cert, "keyfile": tls.key, "cafile": tls.ca})
+    if not tls.postgres:
+        return
+    config["postgresql"]["parameters"].update({
+        "ssl": "on", "ssl_cert_file": tls.cert, "ssl_key_file": tls.key,
+        "ssl_min_protocol_version": "TLSv1.2"})
+    for user in config["postgresql"]["authentication"].values():
+        user.update({"sslmode": "verify-full", "sslrootcert": tls.ca})
 
 
 def restore_bootstrap(spec: DatabaseSpec, etcd_urls: list[str], bin_dir: str, member_dir: str) -> dict:

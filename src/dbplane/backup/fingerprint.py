@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from ..security.tls import node_libpq_options
+
 log = logging.getLogger("dbplane.backup.fingerprint")
 
 MAX_DATABASES = 20
@@ -43,7 +45,7 @@ async def connect(address: str, port: int, password: str,
     """The database's superuser (its password comes from etcd and stays in memory)."""
     return await psycopg.AsyncConnection.connect(
         host=address, port=port, user="postgres", password=password, dbname=dbname,
-        autocommit=True, connect_timeout=5, application_name="dbplane-backup", sslmode="disable")
+        autocommit=True, connect_timeout=5, application_name="dbplane-backup", **node_libpq_options())
 
 
 async def take(address: str, port: int, password: str, on_standby: bool) -> Fingerprint:

@@ -9,12 +9,14 @@ https://www.postgresql.org/docs/current/protocol-replication.html
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 import time
 from dataclasses import dataclass
 
 from .. import pgwire as wire
 from ..security.scram import ClientExchange, ScramAuthFailed, ScramError
+from ..security.tls import node_context
 from .wal import format_lsn, parse_lsn
 
 # microseconds between the Unix epoch and PostgreSQL's (2000-01-01)
@@ -79,11 +81,26 @@ class ReplicationConnection:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
         conn = cls(reader, writer)
         try:
+            await asyncio.wait_for(conn._start_tls(host), timeout)
             await asyncio.wait_for(conn._startup(user, password, application_name), timeout)
         except BaseException:
             conn.close()
             raise
         return conn
+
+    async def _start_tls(self, host: str) -> None:
+        """Where the nodes offer TLS (they then accept nothing else): SSLRequest, then a
+        handshake verified against the platform CA (security/tls.py)."""
+        context = node_context()
+        if context is None:
+            return
+        self._writer.write(wire.INT32.pack(8) + wire.INT32.pack(wire.SSL_REQUEST))
+        try:
+            if await self._reader.readexactly(1) != b"S":
+                raise ReplicationError(f"node {host} does not offer TLS although its build has it")
+            await self._writer.start_tls(context, server_hostname=host)
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as e:
+            raise ReplicationError(f"TLS to node {host} failed: {e}") from e
 
     async def _startup(self, user: str, password: str, application_name: str) -> None:
         self._writer.write(wire.startup_message({"user": user, "replication": "true",

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from ..errors import CapacityError, DbplaneError, MemberFailed, StoreUnavailable
 from ..models import DatabaseSpec, Operation, PlatformConfig
+from ..security import ca
 from ..store import Store, keys
-from . import kms, operations, promote, replicas, switchover
+from . import kms, operations, patroni_rest, promote, replicas, switchover
 from .actions import Actions
 from .changes import progress as progress_modify
 from .databases import Pass, ensure_database, ensure_deleted
@@ -29,6 +30,7 @@ class Controller:
     def __init__(self, etcd_url: str, data_root: Path):
         self.etcd_url = etcd_url
         self.data_root = data_root
+        patroni_rest.trust(ca.cert_path(data_root))      # Patroni's REST API is https
         self.identity = f"{socket.gethostname()}:{id(self)}"
         self._stopping = asyncio.Event()
         self.started_at = time.time()

@@ -3,13 +3,19 @@
 Patroni answers /switchover, /failover and /restart only when the action has finished
 (up to ~20 s), so the controller runs those through `actions.Actions`, never inline.
 httpx errors and Patroni refusals become PatroniError here, with Patroni's own words.
+Patroni serves https with a certificate from the platform CA; it is verified against the
+CA the controller names with `trust()`.
 """
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+
 import httpx
 
 from ..errors import DbplaneError
+from ..security.tls import client_context
 
 LONG_TIMEOUT = 90.0     # a restart waits for PostgreSQL to start; a switchover for the promotion
 SHORT_TIMEOUT = 5.0
@@ -20,17 +26,43 @@ class PatroniError(DbplaneError):
     status = 409
 
 
+_ca_file: Path | None = None
+_context: ssl.SSLContext | None = None
+
+
+def trust(ca_file: Path) -> None:
+    """The platform CA that issued the members' certificates (<data root>/ca/ca.crt); read
+    at the first call (on a platform started component by component the first agent
+    creates it)."""
+    global _ca_file, _context
+    _ca_file, _context = ca_file, None
+
+
+def _verify(url: str, what: str) -> ssl.SSLContext:
+    global _context
+    if _context is None:
+        if _ca_file is None or not _ca_file.exists():
+            raise PatroniError(f"{what}: no platform CA to verify Patroni at {url} against",
+                               "start the controller with the data root that holds ca/ca.crt",
+                               code="patroni_unreachable")
+        _context = client_context(_ca_file)
+    return _context
+
+
 def api_url(address: str, api_port: int) -> str:
-    return f"http://{address}:{api_port}"
+    return f"https://{address}:{api_port}"
 
 
 async def _call(url: str, method: str, path: str, body: dict | None, timeout: float,
                 what: str) -> str:
+    verify = _verify(url, what)
     try:
-        async with httpx.AsyncClient(timeout=timeout) as http:
+        async with httpx.AsyncClient(timeout=timeout, verify=verify) as http:
             r = await http.request(method, url + path, json=body)
     except httpx.HTTPError as e:
-        raise PatroniError(f"{what}: Patroni at {url} did not answer ({type(e).__name__})",
+        cause = "its certificate is not from the platform CA" if "CERTIFICATE_VERIFY_FAILED" in str(e) \
+            else type(e).__name__
+        raise PatroniError(f"{what}: Patroni at {url} did not answer ({cause})",
                            "check the member's patroni.log under its member directory",
                            code="patroni_unreachable") from None
     if r.status_code >= 400:

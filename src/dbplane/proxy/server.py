@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import os
+import ssl
 import time
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("dbplane.proxy")
 TRACE = bool(os.environ.get("DBPLANE_PROXY_TRACE"))
 MAX_PREPARED = 1000      # statements kept per server connection; the oldest is closed
+# TLS to the nodes, verified against the platform CA (set by the proxy when the nodes' build
+# offers TLS); None: the nodes cannot do TLS and the leg to them is plaintext
+node_tls: ssl.SSLContext | None = None
+SSL_REQUEST = (8).to_bytes(4) + wire.SSL_REQUEST.to_bytes(4)
 
 
 class ServerError(Exception):
@@ -68,6 +73,7 @@ class ServerConn(asyncio.Protocol):
         self._internal_ok = True
         self._buf = bytearray()
         self._handshake: asyncio.Queue | None = asyncio.Queue()
+        self._ssl_answer: asyncio.Future | None = None
 
     # -- connecting --------------------------------------------------------------------
 
@@ -78,6 +84,8 @@ class ServerConn(asyncio.Protocol):
                     extra: dict[str, str]) -> None:
         """Startup and SCRAM authentication; raises ServerError or OSError."""
         assert self.transport is not None
+        if node_tls is not None:
+            await self._start_tls(node_tls)
         self.transport.write(wire.startup_message({"user": user, "database": dbname, **extra}))
         scram: ClientExchange | None = None
         while True:
@@ -123,6 +131,23 @@ class ServerConn(asyncio.Protocol):
                 raise ConnectionResetError(f"{self.address}:{self.port} closed the connection")
             # NoticeResponse and anything else during startup: ignore
 
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        """SSLRequest, then a verify-full handshake: the node's certificate must be issued
+        by the platform CA for this address."""
+        self._ssl_answer = asyncio.get_running_loop().create_future()
+        self.transport.write(SSL_REQUEST)
+        answer = await self._ssl_answer
+        self._ssl_answer = None
+        if answer != b"S":
+            raise ServerError({"C": "08006", "M": f"node {self.address}:{self.port} does not offer TLS "
+                               "although its PostgreSQL build supports it; see its patroni.log"})
+        try:
+            self.transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, context, server_hostname=self.address)
+        except ssl.SSLError as e:
+            raise ServerError({"C": "08006", "M": f"TLS to node {self.address}:{self.port} failed: "
+                               f"{e.reason or e}"}) from e
+
     def _handshake_received(self, data: bytes) -> None:
         self._buf += data
         buf = self._buf
@@ -136,6 +161,11 @@ class ServerConn(asyncio.Protocol):
     # -- traffic -------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._ssl_answer is not None:
+            if not self._ssl_answer.done():
+                # anything after the one-byte answer would be plaintext injected before TLS
+                self._ssl_answer.set_result(data if len(data) == 1 else b"?")
+            return
         if self._handshake is not None:
             self._handshake_received(data)
             return
@@ -237,6 +267,8 @@ class ServerConn(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self._ssl_answer is not None and not self._ssl_answer.done():
+            self._ssl_answer.set_result(b"")
         if self._handshake is not None:
             self._handshake.put_nowait((b"", b""))
         self.pool.server_lost(self)
