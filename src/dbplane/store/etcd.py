@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+from collections.abc import Sequence
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -83,6 +84,12 @@ class Store:
         result = await self._client.get_prefix(prefix.encode())
         return {kv.key.decode(): kv.value for kv in result}
 
+    @_translate
+    async def get_range(self, start: str, end: str) -> dict[str, bytes]:
+        """All keys in [start, end), in key order (a page of a prefix)."""
+        result = await self._client.get_range(start.encode(), end.encode())
+        return {kv.key.decode(): kv.value for kv in result}
+
     async def list(self, prefix: str, model: type[M]) -> list[M]:
         return [model.model_validate_json(v) for v in (await self.get_prefix(prefix)).values()]
 
@@ -117,6 +124,21 @@ class Store:
         ok, _ = await self._client.transaction(
             compare=[t.version(k.encode()) == 0 for k in items],
             success=[t.put(k.encode(), self._encode(v)) for k, v in items.items()], failure=[])
+        return ok
+
+    @_translate
+    async def commit_if(self, key: str, expected: bytes | None,
+                        items: dict[str, BaseModel | dict | str | bytes],
+                        delete_ranges: Sequence[tuple[str, str]] = ()) -> bool:
+        """Compare-and-swap: write items and delete the [start, end) ranges in one
+        transaction, only if `key` still holds `expected` (None: it does not exist).
+        False when another writer changed `key` first: re-read and retry."""
+        k, t = key.encode(), self._client.transactions
+        compare = t.version(k) == 0 if expected is None else t.value(k) == expected
+        ops = [t.put(name.encode(), v if isinstance(v, bytes) else self._encode(v))
+               for name, v in items.items()]
+        ops += [t.delete(start.encode(), range_end=end.encode()) for start, end in delete_ranges]
+        ok, _ = await self._client.transaction(compare=[compare], success=ops, failure=[])
         return ok
 
     @_translate
