@@ -22,7 +22,7 @@ MAX_STARTUP = 10000                 # PostgreSQL's own limit for the startup pac
 MAX_MESSAGE = 64 * 1024 * 1024      # larger client messages are refused as malformed
 
 # authentication request codes ('R')
-AUTH_OK, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = 0, 10, 11, 12
+AUTH_OK, AUTH_CLEARTEXT, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = 0, 3, 10, 11, 12
 
 
 class ProtocolViolation(Exception):

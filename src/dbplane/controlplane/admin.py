@@ -31,6 +31,10 @@ async def ensure_admin_user(primary: MemberSpec, user: str, secrets: DatabaseSec
             roles.append("pg_maintain")
         await conn.execute(sql.SQL("GRANT {} TO {}").format(
             sql.SQL(", ").join(map(sql.Identifier, roles)), sql.Identifier(user)))
+        # members of dbplane_iam log in through the proxy with IAM tokens only (like rds_iam)
+        if not await (await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'dbplane_iam'")).fetchone():
+            await conn.execute("CREATE ROLE dbplane_iam NOLOGIN")
+        await conn.execute(sql.SQL("GRANT dbplane_iam TO {} WITH ADMIN OPTION").format(sql.Identifier(user)))
         # owning the postgres database gives CREATE on its public schema (PostgreSQL 15+)
         await conn.execute(sql.SQL("ALTER DATABASE postgres OWNER TO {}").format(
             sql.Identifier(user)))

@@ -23,8 +23,13 @@ log = logging.getLogger("dbplane.proxy")
 CACHE_SECONDS = 30.0        # a changed password reaches the proxy within this
 UNKNOWN_SECONDS = 5.0       # unknown users are looked up again after this
 
-QUERY = ("SELECT rolpassword FROM pg_authid WHERE rolname = %s AND rolcanlogin "
-         "AND (rolvaliduntil IS NULL OR rolvaliduntil > now())")
+# with whether the user is a member of dbplane_iam: it then logs in with tokens only. A
+# grant WITH ADMIN OPTION (the admin user's, so that it can grant the role) does not count.
+QUERY = ("SELECT a.rolpassword, EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles r "
+         "ON r.oid = m.roleid WHERE m.member = a.oid AND r.rolname = 'dbplane_iam' "
+         "AND NOT m.admin_option) "
+         "FROM pg_authid a WHERE a.rolname = %s AND a.rolcanlogin "
+         "AND (a.rolvaliduntil IS NULL OR a.rolvaliduntil > now())")
 
 
 class Authenticator:
@@ -32,6 +37,7 @@ class Authenticator:
         self.cluster = cluster
         self.password = password
         self._cache: dict[str, tuple[Verifier | None, float]] = {}
+        self._iam: set[str] = set()          # users that log in with IAM tokens only
         self._conn: psycopg.AsyncConnection | None = None
         self._lock = asyncio.Lock()
 
@@ -45,10 +51,26 @@ class Authenticator:
             row = await self._query(user)
         verifier = parse_verifier(row[0] if row else None)
         self._cache[user] = (verifier, time.monotonic())
+        (self._iam.add if row and row[1] else self._iam.discard)(user)
         return verifier
+
+    def iam_user(self, user: str) -> bool:
+        """Whether the user (as of its last verifier lookup) belongs to dbplane_iam."""
+        return user in self._iam
+
+    async def primary_connection(self) -> psycopg.AsyncConnection:
+        """A fresh superuser session on the primary (to set an IAM user's password)."""
+        cluster = self.cluster
+        if not cluster.primary or cluster.primary not in cluster.members:
+            raise ConnectionError(f"database {cluster.name} has no primary")
+        address, port = cluster.members[cluster.primary]
+        return await pgconn.connect(address, port, self.password, "iam")
 
     def forget(self, user: str) -> None:
         self._cache.pop(user, None)
+
+    def forget_all(self) -> None:
+        self._cache.clear()
 
     async def _query(self, user: str):
         """Ask the primary, else any replica (pg_authid is readable on standbys)."""

@@ -1,12 +1,13 @@
 """One client connection to the proxy.
 
-Life: startup packet (SSLRequest answered first; CancelRequest handled and closed),
-SCRAM-SHA-256 login against the user's verifier, then traffic. In transaction mode a
-server connection is attached when the client sends its first message of a transaction
-and given back when the server reports idle (ReadyForQuery 'I'); session state (SET,
-LISTEN, temporary tables, ...) pins the client to its server connection for good. Named
-prepared statements are renamed to a server-side name derived from their text, so any
-server connection of the pool can run them: the proxy parses them where missing.
+Life: startup packet (SSLRequest answered first; a plaintext startup refused when the
+database has require_tls; CancelRequest handled and closed), SCRAM-SHA-256 login against
+the user's verifier, then traffic. In transaction mode a server connection is attached
+when the client sends its first message of a transaction and given back when the server
+reports idle (ReadyForQuery 'I'); session state (SET, LISTEN, temporary tables, ...) pins
+the client to its server connection for good. Named prepared statements are renamed to a
+server-side name derived from their text, so any server connection of the pool can run
+them: the proxy parses them where missing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import time
 from typing import TYPE_CHECKING
 
 from .. import pgwire as wire
+from ..errors import DbplaneError
+from ..security import audit, dbtoken
 from ..security.scram import ScramAuthFailed, ScramError, ServerExchange
 from .pinning import pin_reason
 from .pool import NoTarget, Pool, PoolExhausted
@@ -158,6 +161,12 @@ class ClientConn(asyncio.Protocol):
         if code == wire.SSL_REQUEST:
             if self._tls or self.proxy.tls is None:
                 self.transport.write(b"N")
+            elif self._buf:
+                # bytes sent before our answer would be read as if they came over TLS:
+                # a plaintext injection (CVE-2021-23214); PostgreSQL refuses it the same way
+                self._audit_refusal("tls_downgrade", "unencrypted data after SSLRequest")
+                self.fatal("08P01", "received unencrypted data after SSL request",
+                           "a client waits for the server's answer before starting TLS")
             else:
                 self.transport.write(b"S")
                 self.transport.pause_reading()
@@ -170,6 +179,9 @@ class ClientConn(asyncio.Protocol):
             self.transport.close()
             self.state = CLOSED
         elif code == wire.PROTOCOL_3_0:
+            if not self._tls and self.proxy.require_tls.get(self.cluster.name, True):
+                self._refuse_plaintext()
+                return
             try:
                 params = wire.parse_startup_params(packet[8:])
             except wire.ProtocolViolation as e:
@@ -182,12 +194,30 @@ class ClientConn(asyncio.Protocol):
             major, minor = code >> 16, code & 0xFFFF
             self.fatal("0A000", f"unsupported frontend protocol {major}.{minor}: the proxy speaks 3.0")
 
+    def _refuse_plaintext(self) -> None:
+        """require_tls (like MySQL's require_secure_transport): no login without TLS, so
+        that no password exchange or query ever crosses the network in the clear."""
+        name = self.cluster.name
+        log.info("refused a plaintext client of %s from %s (require_tls)", name, self.peer)
+        self._audit_refusal("tls_required", "plaintext startup refused (require_tls=on)")
+        self.fatal("28000", f"database {name} requires TLS (require_tls=on): connection without "
+                   "TLS refused",
+                   "connect with sslmode=require or sslmode=verify-full (sslrootcert from 'dbplane "
+                   f"ca cert'), or allow plaintext: 'dbplane db modify {name} --param require_tls=off'")
+
+    def _audit_refusal(self, code: str, detail: str) -> None:
+        if self.proxy.store is not None:
+            asyncio.ensure_future(audit.record(
+                self.proxy.store, principal=None, action="db:Connect", resource=f"db/{self.cluster.name}",
+                source=self.peer.rsplit(":", 1)[0], result="denied", code=code, detail=detail))
+
     async def _start_tls(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             transport = await loop.start_tls(self.transport, self, self.proxy.tls, server_side=True)
         except (OSError, ConnectionError, asyncio.CancelledError) as e:
             log.info("TLS handshake with %s failed: %s", self.peer, e)
+            self._audit_refusal("tls_handshake_failed", str(e)[:200])
             self.transport.close()
             return
         self.transport = transport
@@ -230,24 +260,11 @@ class ClientConn(asyncio.Protocol):
                 return
             self.pool = cluster.pool(dbname, user)
             verifier = await cluster.auth.verifier(user)
-            exchange = ServerExchange(verifier, user)
-            self.transport.write(wire.auth_sasl_mechanisms())
-            kind, msg = await self._next_auth_message()
-            if kind != ord("p"):
-                self.fatal("08P01", "expected SASLInitialResponse")
+            if cluster.auth.iam_user(user):
+                if not await self._token_login(user):
+                    return
+            elif not await self._scram_login(user, verifier):
                 return
-            mechanism, first = wire.parse_sasl_initial(msg[5:])
-            if mechanism != "SCRAM-SHA-256":
-                self.fatal("28000", f"unsupported SASL mechanism {mechanism}: use SCRAM-SHA-256")
-                return
-            self.transport.write(wire.auth_request(wire.AUTH_SASL_CONTINUE, exchange.first(first)))
-            kind, msg = await self._next_auth_message()
-            if kind != ord("p"):
-                self.fatal("08P01", "expected SASLResponse")
-                return
-            final = exchange.final(msg[5:])
-            self.pool.client_key, self.pool.server_key = exchange.client_key, verifier.server_key
-            self.transport.write(wire.auth_request(wire.AUTH_SASL_FINAL, final))
             self.transport.write(wire.auth_request(wire.AUTH_OK))
             if not self.pool.server_params:
                 # learn the server's parameters (version, encoding, ...) from a real login
@@ -259,6 +276,10 @@ class ClientConn(asyncio.Protocol):
             if self.pool is not None:
                 self.pool.stats.login_failures += 1
             self.fatal("28P01", f'password authentication failed for user "{user}"')
+            await audit.record(self.proxy.store, principal=None, action="db:Connect",
+                               resource=f"dbuser/{cluster.name}/{user}",
+                               source=self.peer.rsplit(":", 1)[0], result="denied",
+                               code="password_authentication_failed")
         except ServerError as e:
             self.fatal(e.fields.get("C", "08006"), e.fields.get("M", str(e)))
         except NoTarget:
@@ -276,6 +297,65 @@ class ClientConn(asyncio.Protocol):
         except Exception as e:
             log.exception("login of %s", self.peer)
             self.fatal("XX000", f"proxy error during login: {e}")
+
+    async def _scram_login(self, user: str, verifier) -> bool:
+        """SCRAM-SHA-256 against the user's verifier; keeps the ClientKey for the pool."""
+        exchange = ServerExchange(verifier, user)
+        self.transport.write(wire.auth_sasl_mechanisms())
+        kind, msg = await self._next_auth_message()
+        if kind != ord("p"):
+            self.fatal("08P01", "expected SASLInitialResponse")
+            return False
+        mechanism, first = wire.parse_sasl_initial(msg[5:])
+        if mechanism != "SCRAM-SHA-256":
+            self.fatal("28000", f"unsupported SASL mechanism {mechanism}: use SCRAM-SHA-256")
+            return False
+        self.transport.write(wire.auth_request(wire.AUTH_SASL_CONTINUE, exchange.first(first)))
+        kind, msg = await self._next_auth_message()
+        if kind != ord("p"):
+            self.fatal("08P01", "expected SASLResponse")
+            return False
+        final = exchange.final(msg[5:])
+        self.pool.client_key, self.pool.server_key = exchange.client_key, verifier.server_key
+        self.transport.write(wire.auth_request(wire.AUTH_SASL_FINAL, final))
+        return True
+
+    async def _token_login(self, user: str) -> bool:
+        """A member of dbplane_iam: its password must be an IAM token (proxy/iam_login.py),
+        and only over TLS, where it cannot be sniffed."""
+        name = self.cluster.name
+        source = self.peer.rsplit(":", 1)[0]
+        if not self._tls:
+            self.fatal("28000", f'user "{user}" logs in with IAM tokens, which are accepted over TLS only',
+                       "connect with sslmode=require (or verify-full)")
+            return False
+        self.transport.write(wire.auth_request(wire.AUTH_CLEARTEXT))
+        kind, msg = await self._next_auth_message()
+        if kind != ord("p"):
+            self.fatal("08P01", "expected PasswordMessage")
+            return False
+        token = msg[5:].split(b"\0", 1)[0].decode(errors="replace")
+        iam_login = self.proxy.iam_login
+        try:
+            if iam_login is None:
+                raise dbtoken.TokenError("the proxy is not connected to etcd yet")
+            if not dbtoken.looks_like_token(token):
+                raise dbtoken.TokenError(f'user "{user}" is a member of dbplane_iam and logs in with '
+                                         f"IAM tokens only: dbplane db token {name} --user {user}")
+            principal = await iam_login.check(token, name, user, source, tls=True)
+        except (dbtoken.TokenError, DbplaneError) as e:
+            if self.pool is not None:
+                self.pool.stats.login_failures += 1
+            await audit.record(self.proxy.store, principal=None, action="db:Connect",
+                               resource=f"dbuser/{name}/{user}", source=source, result="denied",
+                               code="token_refused", detail=str(e)[:200])
+            message = e.message if isinstance(e, DbplaneError) else str(e)
+            self.fatal("28P01", f'IAM authentication failed for user "{user}": {message}')
+            return False
+        self.pool.client_key, self.pool.server_key = await iam_login.server_keys(self.cluster, user)
+        await audit.record(self.proxy.store, principal=principal, action="db:Connect",
+                           resource=f"dbuser/{name}/{user}", source=source, result="allowed")
+        return True
 
     def _node_word(self) -> str:
         return "primary" if self.role == "writer" else "replica or primary"

@@ -54,6 +54,13 @@ class Cluster:
         self.unreachable: dict[str, str] = {}
         self._sweeper = asyncio.ensure_future(self._sweep())
 
+    def set_superuser_password(self, password: str) -> None:
+        """After a credential rotation: new lookups log in with the new password (open
+        sessions keep working; PostgreSQL checks passwords at login only)."""
+        if password != self.auth.password:
+            self.auth.password = self.monitor.password = password
+            self.auth.forget_all()        # the admin user's password changed with it
+
     def pool(self, dbname: str, user: str) -> Pool:
         key = (dbname, user)
         pool = self.pools.get(key)

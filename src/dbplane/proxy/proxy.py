@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import ssl
 import time
 from pathlib import Path
 
@@ -33,9 +32,15 @@ from ..models import (
     ProxyLimits,
     ProxyPorts,
 )
+from ..parameters import require_tls
+from ..security import audit
+from ..security.tls import ReloadingServerContext, node_context
 from ..store import Store, keys
+from . import server
+from .allowlist import Gate, Gatekeeper
 from .client import ClientConn, new_key, new_pid
 from .cluster import Cluster, Topology
+from .iam_login import IamLogin
 from .limits import proxy_budget
 
 log = logging.getLogger("dbplane.proxy")
@@ -60,13 +65,21 @@ class Proxy:
         self.id = proxy_id
         self.host = host
         self.address = address
-        self.tls = self._tls_context(tls_dir)
+        # the certificate clients see, issued by the platform CA and re-read when re-issued
+        self._server_cert = ReloadingServerContext(tls_dir / "proxy.crt", tls_dir / "proxy.key") \
+            if tls_dir is not None else None
+        self.require_tls: dict[str, bool] = {}    # database -> refuse plaintext clients
+        # where the nodes offer TLS the leg to them is verified against the CA (verify-full)
+        server.node_tls = node_context()
         # the agent's host folder: if it disappears, the platform was removed under us
         self.host_dir = tls_dir.parent if tls_dir is not None else None
         self.login_timeout = 15.0
         self.clusters: dict[str, Cluster] = {}
+        self.store: Store | None = None           # the etcd session of the moment (audit, IAM)
+        self.iam_login: IamLogin | None = None    # checks IAM database tokens
         self.listeners: dict[int, Listener] = {}
         self.clients: dict[int, ClientConn] = {}
+        self.gatekeeper = Gatekeeper()        # network allowlists, checked before anything is read
         self.peers: list[ProxyInstance] = []
         self.admin_port = 0
         self._drained: dict[str, str] = {}        # db -> operation acknowledged
@@ -74,14 +87,10 @@ class Proxy:
         self._stopping = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
 
-    @staticmethod
-    def _tls_context(tls_dir: Path | None) -> ssl.SSLContext | None:
-        if tls_dir is None or not (tls_dir / "proxy.crt").exists():
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(tls_dir / "proxy.crt", tls_dir / "proxy.key")
-        return ctx
+    @property
+    def tls(self):
+        """The SSLContext for clients' TLS handshakes, or None without a certificate."""
+        return self._server_cert.context if self._server_cert is not None else None
 
     # -- clients -----------------------------------------------------------------------
 
@@ -170,6 +179,7 @@ class Proxy:
         log.info("proxy %s stopped", self.id)
 
     async def _serve(self, store: Store) -> None:
+        self.store, self.iam_login = store, IamLogin(store)
         lease = await store.lease(INSTANCE_TTL)
         me = ProxyInstance(id=self.id, host=self.host, address=self.address, admin_port=self.admin_port,
                            pid=os.getpid())
@@ -177,7 +187,7 @@ class Proxy:
         log.info("proxy %s registered (admin port %d)", self.id, self.admin_port)
         changes = store.changes(keys.databases(), keys.members(), keys.ROOT + "secrets/", keys.proxy_root(),
                                 keys.PATRONI_NAMESPACE + "/")
-        refreshed = time.monotonic()
+        refreshed = key_use_reported = time.monotonic()
         try:
             while not self._stopping.is_set():
                 if time.monotonic() - refreshed > INSTANCE_TTL / 4:
@@ -187,12 +197,18 @@ class Proxy:
                         lease = await store.lease(INSTANCE_TTL)
                         await store.put(keys.proxy_instance(self.id), me, lease=lease)
                 await self.reconcile(store)
+                if time.monotonic() - key_use_reported > 60:      # IAM token checks unseal secrets
+                    key_use_reported = time.monotonic()
+                    await audit.record_key_use(store, f"service/proxy@{self.host}", self.address)
                 # while a switchover waits for our acknowledgement, look often
                 draining = any(c.draining for c in self.clusters.values())
                 await changes.wait(0.1 if draining else INSTANCE_TTL / 4)
             await store.delete(keys.proxy_instance(self.id))
         finally:
             changes.close()
+            with contextlib.suppress(Exception):
+                await audit.record_key_use(store, f"service/proxy@{self.host}", self.address)
+                await audit.flush(store)        # refusals and token logins of the last moments
 
     async def reconcile(self, store: Store) -> None:
         raw = {}
@@ -215,10 +231,13 @@ class Proxy:
         for name in list(self.clusters):
             if name not in wanted:
                 await self._remove(name)
+        self.gatekeeper.update(store, {name: spec.allowlist for name, (spec, _, _) in wanted.items()})
         for name, (spec, ports, secrets) in wanted.items():
             cluster = self.clusters.get(name)
             if cluster is None:
                 cluster = self.clusters[name] = Cluster(name, spec.proxy, secrets.superuser)
+            else:
+                cluster.set_superuser_password(secrets.superuser)     # rotated
             members = [MemberSpec.model_validate_json(v) for k, v in raw.items()
                        if k.startswith(keys.members(name))]
             limits_raw = raw.get(keys.proxy_limits(name))
@@ -229,6 +248,7 @@ class Proxy:
             if drain is not None and time.time() - drain.since > DRAIN_MAX_AGE:
                 drain = None                  # its switchover is long over; never hold forever
             cluster.update(topology(name, members, patroni, drain), spec.proxy, budget)
+            self.require_tls[name] = require_tls(spec)
             await self._listen(cluster, "writer", ports.writer)
             await self._listen(cluster, "reader", ports.reader)
             await self._acknowledge_drain(store, cluster, drain)
@@ -242,7 +262,7 @@ class Proxy:
         listener = Listener(cluster, role, port)
         loop = asyncio.get_running_loop()
         try:
-            listener.server = await loop.create_server(lambda: ClientConn(self, listener), self.address,
+            listener.server = await loop.create_server(lambda: Gate(self, listener), self.address,
                                                        port, reuse_port=True, backlog=4096)
         except OSError as e:
             log.error("cannot listen on %s:%d for %s (%s): %s", self.address, port, cluster.name, role, e)
@@ -252,6 +272,7 @@ class Proxy:
 
     async def _remove(self, name: str) -> None:
         cluster = self.clusters.pop(name)
+        self.require_tls.pop(name, None)
         for port, listener in list(self.listeners.items()):
             if listener.cluster is cluster:
                 if listener.server is not None:
@@ -292,6 +313,8 @@ class Proxy:
             log.error("%s is gone: the platform was removed; stopping", self.host_dir)
             self._stopping.set()
             return
+        if self._server_cert is not None:
+            self._server_cert.refresh()          # the agent re-issues it before it expires
         self._rates.append((now, {(c.name, p.dbname, p.user): (p.stats.xacts, p.stats.queries)
                                   for c in self.clusters.values() for p in c.pools.values()}))
         for cluster in self.clusters.values():
