@@ -14,7 +14,7 @@ from ..models import DatabaseSecrets, DatabaseSpec, DatabaseStatus, MemberSpec, 
 from ..security.scram import new_password
 from ..store import Store, keys
 from ..system import port_free
-from . import backups, changes, drills, operations, promote, proxy, replicas, resume, storage
+from . import backups, changes, credentials, drills, operations, promote, proxy, replicas, resume, storage
 from .actions import Actions
 from .admin import ensure_admin_user, write_pgpass
 from .placement import allocate_ports, choose_host
@@ -69,6 +69,7 @@ async def ensure_database(p: Pass, spec: DatabaseSpec) -> None:
     await replicas.ensure_removed(p, spec)
     await ensure_ports_usable(p, spec)
     await ensure_admin(p, spec, status)
+    await credentials.ensure_rotation(p, spec, status.admin_ready)
     await resume.ensure_resumed(p, spec)
     await storage.ensure_storage_quota(p, spec, status)
     await changes.ensure_changes(p, spec, status)
@@ -308,9 +309,9 @@ async def ensure_deleted(p: Pass, spec: DatabaseSpec) -> None:
         await p.store.delete(keys.port(m.address, m.api_port))
     await proxy.delete_proxy_keys(p, spec)
     for prefix in (keys.members(spec.name), keys.member_statuses(spec.name),
-                   keys.patroni_scope(spec.name)):
+                   keys.patroni_scope(spec.name), keys.iam_db_passwords(spec.name)):
         await p.store.delete_prefix(prefix)
-    for key in (keys.secrets(spec.name), keys.database_status(spec.name),
+    for key in (keys.secrets(spec.name), keys.secrets_next(spec.name), keys.database_status(spec.name),
                 keys.archive_status(spec.name), keys.restore_failed(spec.name)):
         await p.store.delete(key)
     # its archived WAL goes too (snapshots keep the WAL they need in themselves)
