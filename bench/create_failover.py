@@ -54,12 +54,14 @@ import psycopg
 
 from dbplane.paths import Layout
 from dbplane.process import running_pid
+from dbplane.security import ca
+from dbplane.security.tls import client_context
 from dbplane.system import etcd_binary, postgres_bin_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from machine import commit, first_line, machine  # noqa: E402  (bench/)
 
-from platform_helpers import wait_for  # noqa: E402  (the tests' condition wait)
+from platform_helpers import signed_client, wait_for  # noqa: E402  (the tests' helpers)
 
 PROFILES = {
     # dbplane's own timing (src/dbplane/agent/patroni.py DCS_TIMING): no PATCH needed
@@ -98,7 +100,7 @@ class Bench:
         return self.layout.read_platform()
 
     def api(self, path: str) -> dict:
-        r = httpx.get(self.info.api_url + path, timeout=10)
+        r = signed_client(self.info.api_url, self.layout.root).get(path, timeout=10)
         r.raise_for_status()
         return r.json()
 
@@ -124,7 +126,7 @@ class Bench:
         if kv is None:
             raise RuntimeError(f"no placement for {member} in etcd")
         m = json.loads(base64.b64decode(kv["value"]))
-        return f"http://{m['address']}:{m['api_port']}"
+        return f"https://{m['address']}:{m['api_port']}"       # Patroni's REST API is https
 
     # -- faults ------------------------------------------------------------------------
 
@@ -278,7 +280,8 @@ def apply_profile(b: Bench, db: str, primary: str, timing: dict | None) -> int |
     """Switch the database's Patroni timing (PATCH /config) and wait until the leader's
     lease carries the new ttl. Returns the leader lease's granted ttl."""
     if timing is not None:
-        r = httpx.patch(f"{b.patroni_api_url(db, primary)}/config", json=timing, timeout=10)
+        r = httpx.patch(f"{b.patroni_api_url(db, primary)}/config", json=timing, timeout=10,
+                        verify=client_context(ca.cert_path(b.layout.root)))
         r.raise_for_status()
         want = timing["ttl"]
         return wait_for(lambda: b.leader_lease_ttl(db) == want and want, 60,

@@ -560,7 +560,8 @@ def main() -> int:
     print(f"data root {root}", flush=True)
     try:
         p.up()
-        p.cli("db", "create", DB, "--class", "medium", "--wait",
+        # require_tls=off: the embedded pgbench (and PgBouncer's leg here) have no TLS
+        p.cli("db", "create", DB, "--class", "medium", "--wait", "--param", "require_tls=off",
               "--multi-az" if args.multi_az else "--no-multi-az", timeout=CREATE_TIMEOUT_S)
         d = p.wait_available(DB)
         primary = next(m for m in d["members"] if m["role"] == "primary")

@@ -34,6 +34,22 @@ class Host(BaseModel):
     started_at: float = Field(default_factory=now)
 
 
+class AllowRule(BaseModel):
+    """One network allowlist rule of a database (like a security group's inbound rule):
+    clients from `cidr` may connect to its proxy endpoints. `cidr` is stored normalized
+    (proxy/allowlist.py validates it); see docs/security-allowlists.md."""
+    cidr: str
+    description: str = ""
+
+
+# what a new database allows when nobody says otherwise: this machine only
+DEFAULT_ALLOWLIST = ("127.0.0.1/32", "::1/128")
+
+
+def default_allowlist() -> list[AllowRule]:
+    return [AllowRule(cidr=c, description="loopback (default)") for c in DEFAULT_ALLOWLIST]
+
+
 PoolMode = Literal["transaction", "session"]
 
 
@@ -76,7 +92,11 @@ class DatabaseSpec(BaseModel):
     # set on a database made by promoting a read replica of another one (`replica promote`)
     promoted_from: PromotedFrom | None = None
     proxy: ProxySettings = Field(default_factory=ProxySettings)
+    # who may connect to the proxy endpoints; applied live by the proxies (no generation)
+    allowlist: list[AllowRule] = Field(default_factory=default_allowlist)
     backup: BackupSettings = Field(default_factory=lambda: BackupSettings())
+    # rotate the internal and admin passwords every N days (0: only on request)
+    credential_rotation_days: int = Field(0, ge=0, le=365)
     # set on a database created by `db restore`: what its first member bootstraps from
     restore: RestoreSource | None = None
     # `db delete --final-snapshot ID`: the snapshot taken before the members go
@@ -93,7 +113,7 @@ class DatabaseSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(
                 f"invalid database name {v!r}: use 2-42 lowercase letters, digits and '-', "
                 "starting with a letter")
@@ -257,6 +277,7 @@ class DatabaseSecrets(BaseModel):
     replication: str
     rewind: str
     admin: str
+    rotated_at: float = 0.0          # 0: never rotated (generated with the database)
 
 
 class PlatformConfig(BaseModel):

@@ -162,7 +162,7 @@ BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 def validate_spec(spec: RepositorySpec) -> list[str]:
     """Every problem with a repository spec at once, as 'field: problem'."""
     problems: list[str] = []
-    if not NAME_RE.match(spec.name):
+    if not NAME_RE.fullmatch(spec.name):
         problems.append(f"name: {spec.name!r} is not 2-42 lowercase letters, digits and '-', "
                         "starting with a letter")
     if spec.kind == "filesystem":
@@ -178,7 +178,7 @@ def validate_spec(spec: RepositorySpec) -> list[str]:
         problems.append(f"endpoint: {spec.endpoint!r} is not an http(s) URL")
     if not spec.bucket:
         problems.append("bucket: an s3 repository needs a bucket name")
-    elif not BUCKET_RE.match(spec.bucket):
+    elif not BUCKET_RE.fullmatch(spec.bucket):
         problems.append(f"bucket: {spec.bucket!r} is not a valid bucket name")
     if spec.prefix.strip("/"):
         try:

@@ -7,6 +7,7 @@ streams and another takes over within the lease's TTL when its host dies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -24,6 +25,7 @@ from ..models import (
     PlatformConfig,
     RepositorySpec,
 )
+from ..security import audit
 from ..security.kms import Kms, load_kms
 from ..store import Store, keys
 from .archiver import ArchiveGap, Archiver, Target
@@ -36,6 +38,7 @@ log = logging.getLogger("dbplane.backup")
 
 LOCK_TTL = 10                 # s: another worker takes a database's archive over after this
 PASS_INTERVAL = 2.0
+KEY_USE_INTERVAL = 60.0       # s: KMS key use goes to the audit log in counts per period
 PUBLISH_INTERVAL = 5.0        # s between archive status writes when nothing else changed
 RELEASE_AFTER_FAILURES = 3    # let another host's worker try after this many failures in a row
 MAX_JOBS = 3                  # base backups taken at once on one host
@@ -53,6 +56,7 @@ class BackupWorker:
         self.fresh: set[str] = set()            # databases whose archive starts again (a gap)
         self.task_settings: dict[str, tuple] = {}
         self.kms: Kms | None = None
+        self._key_use_reported = time.monotonic()
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -87,6 +91,9 @@ class BackupWorker:
         finally:
             keepalive.cancel()
             changes.close()
+            with contextlib.suppress(Exception):
+                await audit.record_key_use(store, f"service/backup-worker@{self.host}", self.host)
+                await audit.flush(store)
             for db, task in self.tasks.items():
                 task.cancel()
                 if await self._holds(store, db):
@@ -123,6 +130,9 @@ class BackupWorker:
             if db not in self.tasks:
                 self.task_settings[db] = archive_settings(spec)
                 self.tasks[db] = asyncio.create_task(self.archive(store, lease, db), name=f"archive-{db}")
+        if time.monotonic() - self._key_use_reported > KEY_USE_INTERVAL:
+            self._key_use_reported = time.monotonic()
+            await audit.record_key_use(store, f"service/backup-worker@{self.host}", self.host)
         records = await store.list(keys.backups(), BackupRecord)
         await self.run_backups(store, records)
         if self.kms is not None and (

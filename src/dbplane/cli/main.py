@@ -18,10 +18,15 @@ from rich.progress import BarColumn, Progress, TextColumn
 from ..errors import DbplaneError, InvalidInput
 from ..parameters import parse_params
 from ..paths import Layout
-from . import render
+from ..security import ca, tls
+from . import allowlist_cmds, render
+from .audit_cmds import audit_app
 from .backup_cmds import backup_app, repository_app, snapshot_app
+from .ca_cmds import ca_app
 from .client import ApiClient, pgpass_file
 from .common import Output, OutputOpt, client, root, state
+from .doctor_cmds import doctor_app
+from .iam_cmds import iam_app
 from .kms_cmds import kms_app
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -32,6 +37,7 @@ replica_app = typer.Typer(no_args_is_help=True, help="Add, remove and promote re
 proxy_app = typer.Typer(no_args_is_help=True, help="The connection proxy of a database: endpoints, "
                         "pooling settings, statistics.")
 app.add_typer(db_app, name="db")
+allowlist_cmds.register(db_app)      # db allow | revoke | allowlist
 app.add_typer(replica_app, name="replica")
 app.add_typer(ops_app, name="ops")
 app.add_typer(proxy_app, name="proxy")
@@ -39,6 +45,10 @@ app.add_typer(kms_app, name="kms")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(backup_app, name="backup")
 app.add_typer(repository_app, name="repository")
+app.add_typer(ca_app, name="ca")
+app.add_typer(audit_app, name="audit")
+app.add_typer(iam_app, name="iam")
+app.add_typer(doctor_app, name="doctor")
 
 
 @app.callback()
@@ -46,9 +56,13 @@ def _global(data_dir: Path | None = typer.Option(
                 None, "--data-dir", envvar="DBPLANE_HOME",
                 help="data root of the platform (default /var/lib/dbplane as root)"),
             api: str | None = typer.Option(None, "--api", envvar="DBPLANE_API",
-                                              help="API URL (default: from the data root)")):
+                                              help="API URL (default: from the data root)"),
+            profile: str | None = typer.Option(
+                None, "--profile", envvar="DBPLANE_PROFILE",
+                help="credentials profile (in ~/.dbplane/credentials or <data root>/credentials)")):
     state.data_dir = str(data_dir) if data_dir else None
     state.api = api
+    state.profile = profile
 
 
 # -- platform ---------------------------------------------------------------------------
@@ -64,12 +78,15 @@ def up(demo: bool = typer.Option(False, "--demo", help="also create a demo Multi
        kms_passphrase_file: Path | None = typer.Option(
            None, "--kms-passphrase-file", envvar="DBPLANE_KMS_PASSPHRASE_FILE",
            help="seal the KMS root key with the passphrase in this file (fixed at the first 'up'; "
-                "needed at every 'up' after)")):
+                "needed at every 'up' after)"),
+       api_tls: bool = typer.Option(True, "--api-tls/--no-api-tls",
+                                    help="serve the API over https with a certificate from the "
+                                         "platform CA (kept once chosen)")):
     """Start etcd, the controller, the API and three agents (zones a, b, c) on 127.0.0.1."""
     from ..platform import launcher
     info = launcher.up(root(), port_base, pg_bin_dir,
                        say=lambda m: render.err_console.print(f"  {m}"),
-                       kms_passphrase_file=kms_passphrase_file)
+                       kms_passphrase_file=kms_passphrase_file, api_tls=api_tls)
     render.console.print(f"dbplane is up: API {info.api_url}, etcd {info.etcd_url}, "
                          f"data in {root()}")
     if demo:
@@ -83,6 +100,20 @@ def up(demo: bool = typer.Option(False, "--demo", help="also create a demo Multi
         render.describe_database(d)
         render.console.print(f"\nconnect:  dbplane db connect demo"
                              f"\n          psql '{libpq_url(d, reader=False)}'")
+
+
+@app.command()
+def bootstrap(etcd: str = typer.Option(..., help="etcd client URL"),
+              kms_passphrase_file: Path | None = typer.Option(
+                  None, "--kms-passphrase-file", envvar="DBPLANE_KMS_PASSPHRASE_FILE",
+                  help="seal the KMS root key with the passphrase in this file")):
+    """Prepare a platform whose components you start one by one (what 'up' does itself):
+    the KMS root key in the data root, the platform's keys, and user admin with its
+    credentials in <data root>/credentials."""
+    from ..platform import launcher
+    path = launcher.bootstrap(root(), etcd, say=lambda m: render.err_console.print(f"  {m}"),
+                              kms_passphrase_file=kms_passphrase_file)
+    render.console.print(f"bootstrapped: admin credentials in {path} (profile default)")
 
 
 @app.command()
@@ -166,13 +197,16 @@ def db_create(name: str,
               backups: bool = typer.Option(True, "--backups/--no-backups",
                                            help="continuous WAL archive and automated backups"),
               backup_retention_days: int = typer.Option(7, help="days automated backups are kept (1-35)"),
+              allow: list[str] = typer.Option([], "--allow", help="CIDR whose clients may connect "
+                                              "(repeatable; default: loopback only)"),
               wait: bool = typer.Option(False, "--wait", help="wait until available"),
               output: Output = OutputOpt):
     """Create a database."""
     op = client().post("/v1/databases", {
         "name": name, "class": instance_class, "multi_az": multi_az, "replicas": replicas,
         "storage_gb": storage_gb, "params": parse_params(param), "backups": backups,
-        "backup_retention_days": backup_retention_days})
+        "backup_retention_days": backup_retention_days,
+        "allowlist": [{"cidr": c} for c in allow] if allow else None})
     _started(op, wait, output)
 
 
@@ -263,19 +297,31 @@ def db_modify(name: str,
               multi_az: bool | None = typer.Option(None, "--multi-az/--no-multi-az",
                                                       help="add or remove the standby"),
               storage_gb: int | None = typer.Option(None, help="new storage quota in GB"),
+              credential_rotation_days: int | None = typer.Option(
+                  None, "--credential-rotation-days", help="rotate the internal and admin passwords "
+                  "every N days (0: off)"),
               wait: bool = typer.Option(False, "--wait", help="wait until applied"),
               output: Output = OutputOpt):
     """Change class, parameters or Multi-AZ. Settings that need a restart are applied by a
     rolling restart: replicas first, then a switchover to the standby."""
     op = client().patch(f"/v1/databases/{name}", {
         "class": instance_class, "params": parse_params(param), "multi_az": multi_az,
-        "storage_gb": storage_gb})
+        "storage_gb": storage_gb, "credential_rotation_days": credential_rotation_days})
     restart = op["params"].get("restart") or []
     if restart and output == Output.table:
         render.err_console.print(f"{', '.join(restart)} take effect after a restart: rolling "
                                  "restart, replicas first" + ("" if wait else
                                  f"; follow with 'dbplane db describe {name}'"), highlight=False)
     _started(op, wait, output)
+
+
+@db_app.command("rotate-credentials")
+def db_rotate_credentials(name: str, wait: bool = typer.Option(False, "--wait", help="wait until done"),
+                          output: Output = OutputOpt):
+    """New internal superuser (also the proxy's and backup workers' login), replication,
+    rewind and admin passwords, without restarting anything; the admin pgpass file is
+    rewritten. Schedule it with 'db modify --credential-rotation-days N'."""
+    _started(client().post(f"/v1/databases/{name}/rotate-credentials"), wait, output)
 
 
 @db_app.command("delete")
@@ -288,14 +334,18 @@ def db_delete(name: str,
     _started(client().delete(f"/v1/databases/{name}", final_snapshot=final_snapshot), wait, output)
 
 
-def libpq_url(d: dict, reader: bool) -> str:
+def libpq_url(d: dict, reader: bool, verify_full: bool = True) -> str:
+    """verify_full: TLS verified against the platform CA (when this data root has it)."""
     endpoint = d["endpoints"]["reader" if reader else "writer"]
     if not endpoint:
         raise DbplaneError(f"database {d['name']} has no {'reader' if reader else 'writer'} "
                            "endpoint yet", f"its status is {d['status']}: {d['status_message']}",
                            code="no_endpoint")
-    return (f"postgresql://{d['admin_user']}@{endpoint}/postgres"
-            f"?passfile={pgpass_file(state.data_dir, d['name'])}")
+    url = (f"postgresql://{d['admin_user']}@{endpoint}/postgres"
+           f"?passfile={pgpass_file(state.data_dir, d['name'])}")
+    if verify_full and ca.cert_path(root()).exists():
+        url += f"&sslmode=verify-full&sslrootcert={ca.cert_path(root())}"
+    return url
 
 
 @db_app.command("url")
@@ -304,12 +354,37 @@ def db_url(name: str, reader: bool = typer.Option(False, "--reader", help="the r
     print(libpq_url(client().get(f"/v1/databases/{name}"), reader))
 
 
+@db_app.command("token")
+def db_token(name: str, user: str = typer.Option(..., "--user", help="the database user (a member "
+                                                 "of dbplane_iam)"),
+             expires_in: int = typer.Option(900, "--expires-in", min=60, max=900,
+                                            help="seconds, at most 900")):
+    """Print a 15-minute IAM token to log in to the database as USER through its endpoints
+    (use it as the password, over TLS: PGPASSWORD=$(dbplane db token ...)). It is signed
+    here with your access key; the proxy checks it and your db:Connect permission."""
+    from ..models import NAME_RE
+    from ..security import credentials, dbtoken
+    if not NAME_RE.fullmatch(name):
+        raise InvalidInput(f"invalid database name {name!r}", "see 'dbplane db list'", code="invalid_name")
+    creds = credentials.resolve(root(), state.profile)
+    if creds is None:
+        raise InvalidInput("no credentials to sign the token with", "use --profile, DBPLANE_PROFILE "
+                           "or DBPLANE_ACCESS_KEY_ID/DBPLANE_SECRET_ACCESS_KEY", code="no_credentials")
+    print(dbtoken.generate(creds.key_id, creds.secret, name, user, lifetime=expires_in))
+
+
 @db_app.command("connect")
 def db_connect(name: str, reader: bool = typer.Option(False, "--reader")):
     """Open psql on the database's writer (or reader) endpoint."""
     from ..system import postgres_bin_dir
-    url = libpq_url(client().get(f"/v1/databases/{name}"), reader)
-    psql = os.path.join(postgres_bin_dir(), "psql")
+    d = client().get(f"/v1/databases/{name}")
+    psql = tls.psql_with_tls(postgres_bin_dir())
+    if psql is None and d.get("tls", {}).get("require_tls", True):
+        raise DbplaneError(f"database {name} requires TLS and the embedded psql cannot do TLS",
+                           "install a psql built with OpenSSL (e.g. apt-get install postgresql-client) "
+                           f"or use 'dbplane db url {name}' with another client", code="no_tls_client")
+    url = libpq_url(d, reader, verify_full=psql is not None)
+    psql = psql or os.path.join(postgres_bin_dir(), "psql")
     os.execv(psql, [psql, url])
 
 
@@ -478,14 +553,21 @@ def controller(etcd: str = typer.Option(..., help="etcd URL, e.g. http://127.0.0
 
 @app.command()
 def api(etcd: str = typer.Option(..., help="etcd URL"),
-        listen: str = typer.Option("127.0.0.1:8432", help="address:port to serve on")):
+        listen: str = typer.Option("127.0.0.1:8432", help="address:port to serve on"),
+        tls_cert: Path | None = typer.Option(None, help="serve https with this certificate "
+                                             "(from the platform CA; renewed in place)"),
+        tls_key: Path | None = typer.Option(None, help="the certificate's private key")):
     """Run the REST API server in the foreground."""
     import uvicorn
 
     from ..httpapi.app import create_app
     _logging("api")
     host, _, port = listen.rpartition(":")
-    uvicorn.run(create_app(etcd), host=host, port=int(port), log_level="warning")
+    if tls_cert and tls_key:
+        from ..httpapi.https import serve
+        serve(create_app(etcd, root()), host, int(port), tls_cert, tls_key, root())
+        return
+    uvicorn.run(create_app(etcd, root()), host=host, port=int(port), log_level="warning")
 
 
 @app.command()

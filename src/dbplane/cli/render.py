@@ -72,6 +72,13 @@ def describe_database(d: dict) -> None:
     if backup.get("earliest_restorable_time"):
         console.print(f"  restorable {when(backup['earliest_restorable_time'])} to "
                       f"{when(backup['latest_restorable_time'])}", highlight=False)
+    if d.get("tls"):
+        tls = d["tls"]
+        console.print(f"  tls        clients: {tls['clients']}; nodes: {tls['nodes']}"
+                      + (f" ({tls['nodes_reason']})" if tls["nodes_reason"] else ""), highlight=False)
+    if "allowlist" in d:
+        console.print("  allowlist  " + (", ".join(r["cidr"] for r in d["allowlist"])
+                                         or "empty: every client is refused"), highlight=False)
     for i, change in enumerate(d.get("pending_changes") or []):
         console.print(f"  {'pending' if i == 0 else '':10} {change}", highlight=False)
     table(d["members"], [("name", "MEMBER"), ("role", "ROLE"), ("zone", "ZONE"), ("host", "HOST"),

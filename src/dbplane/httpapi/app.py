@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -14,13 +15,22 @@ from pydantic import BaseModel, Field
 from .. import __version__, parameters
 from ..classes import CLASSES, get_class
 from ..errors import CapacityError, Conflict, DbplaneError, InvalidInput, NotFound
-from ..models import NAME_RE, BackupSettings, DatabaseSpec, DatabaseStatus, Event, Host, Operation
+from ..models import NAME_RE, AllowRule, BackupSettings, DatabaseSpec, DatabaseStatus, Event, Host, Operation
+from ..proxy.allowlist import rules_for_create
+from ..security.iam import Authority
+from ..security.signing import NonceCache
 from ..store import Store, keys
 from ..system import postgres_major_version
 from . import restore_plan
+from .allowlist_routes import router as allowlist_router
+from .audit import install as install_audit
+from .audit_routes import router as audit_router
+from .auth import authorize, visible
 from .backup_routes import new_snapshot
 from .backup_routes import router as backup_router
+from .doctor_routes import router as doctor_router
 from .ha_routes import router as ha_router
+from .iam_routes import router as iam_router
 from .kms_routes import router as kms_router
 from .proxy_routes import router as proxy_router
 from .views import database_snapshot, describe, get_spec, summary
@@ -37,6 +47,7 @@ class CreateDatabase(BaseModel):
     params: dict[str, str] = Field(default_factory=dict)
     backups: bool = True
     backup_retention_days: int = Field(7, ge=1, le=35)
+    allowlist: list[AllowRule] | None = None     # who may connect; None: loopback only
 
     model_config = {"populate_by_name": True}
 
@@ -49,10 +60,14 @@ class RestoreDatabase(CreateDatabase):
     repository: str | None = None        # restore from this copy (default: where the backup is)
 
 
-def create_app(etcd_url: str) -> FastAPI:
+def create_app(etcd_url: str, data_root: Path | None = None) -> FastAPI:
+    """`data_root`: where this platform's files are (certificates the doctor checks), if
+    the API runs on that machine."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.store = Store(etcd_url)
+        app.state.authority = Authority(app.state.store)
+        app.state.nonces = NonceCache()
         try:
             await app.state.store.connect()
         except DbplaneError as e:
@@ -61,7 +76,10 @@ def create_app(etcd_url: str) -> FastAPI:
         await app.state.store.close()
 
     app = FastAPI(title="dbplane", version=__version__, lifespan=lifespan,
+                  dependencies=[Depends(authorize)],    # every route: signed and allowed
                   description="Managed PostgreSQL: databases, members, operations, events.")
+
+    install_audit(app)                # every call, refused ones too, into the audit log
 
     @app.exception_handler(DbplaneError)
     async def _dbplane_error(request: Request, exc: DbplaneError):
@@ -101,11 +119,12 @@ def create_app(etcd_url: str) -> FastAPI:
         specs = [DatabaseSpec.model_validate_json(v) for k, v in raw.items() if k.endswith("/spec")]
         out = []
         for spec in sorted(specs, key=lambda x: x.name):
-            out.append(summary(spec, await database_snapshot(s, spec.name)))
+            if visible(request, f"db/{spec.name}"):
+                out.append(summary(spec, await database_snapshot(s, spec.name)))
         return out
 
     async def check_new_database(s: Store, body: CreateDatabase) -> None:
-        if not NAME_RE.match(body.name):
+        if not NAME_RE.fullmatch(body.name):
             raise InvalidInput(f"invalid database name {body.name!r}",
                                "use 2-42 lowercase letters, digits and '-', starting with a letter",
                                code="invalid_name")
@@ -145,7 +164,8 @@ def create_app(etcd_url: str) -> FastAPI:
                             storage_gb=body.storage_gb, params=body.params,
                             version=postgres_major_version(),
                             backup=BackupSettings(enabled=body.backups,
-                                                  retention_days=body.backup_retention_days))
+                                                  retention_days=body.backup_retention_days),
+                            allowlist=rules_for_create(body.allowlist))
         op = Operation(kind="create", database=body.name, params=body.model_dump(by_alias=True))
         return await create(s, spec, op)
 
@@ -161,7 +181,8 @@ def create_app(etcd_url: str) -> FastAPI:
                             storage_gb=body.storage_gb, params=body.params,
                             version=postgres_major_version(), restore=source,
                             backup=BackupSettings(enabled=body.backups,
-                                                  retention_days=body.backup_retention_days))
+                                                  retention_days=body.backup_retention_days),
+                            allowlist=rules_for_create(body.allowlist))
         op = Operation(kind="restore", database=body.name, params=body.model_dump(by_alias=True))
         return await create(s, spec, op, {keys.secrets(body.name): secrets})
 
@@ -194,7 +215,7 @@ def create_app(etcd_url: str) -> FastAPI:
     @app.get("/v1/operations")
     async def list_operations(request: Request, database: str | None = None):
         ops = await store(request).list(keys.operations(), Operation)
-        ops = [o for o in ops if database in (None, o.database)]
+        ops = [o for o in ops if database in (None, o.database) and visible(request, f"db/{o.database}")]
         return [o.model_dump() for o in sorted(ops, key=lambda o: o.created_at)]
 
     @app.get("/v1/operations/{op_id}")
@@ -208,7 +229,7 @@ def create_app(etcd_url: str) -> FastAPI:
     @app.get("/v1/events")
     async def list_events(request: Request, database: str | None = None, limit: int = 100):
         prefix = keys.events(database) if database else keys.events()
-        events = await store(request).list(prefix, Event)
+        events = [e for e in await store(request).list(prefix, Event) if visible(request, f"db/{e.database}")]
         events.sort(key=lambda e: e.id)
         return [e.model_dump() for e in events[-limit:]]
 
@@ -216,4 +237,9 @@ def create_app(etcd_url: str) -> FastAPI:
     app.include_router(proxy_router)  # proxy settings and statistics
     app.include_router(kms_router)    # KMS keys: create, rotate, disable, delete
     app.include_router(backup_router)  # snapshots, backup settings, repositories
+    app.include_router(audit_router)   # audit log: list, verify, retention
+    app.include_router(allowlist_router)  # network allowlists
+    app.include_router(iam_router)     # users, roles, policies, access keys
+    app.include_router(doctor_router)  # diagnoses with evidence and fix
+    app.state.data_root = data_root
     return app

@@ -79,7 +79,7 @@ def snapshot_view(r: BackupRecord) -> dict:
 
 
 def _check_snapshot_id(snapshot_id: str) -> str:
-    if not SNAPSHOT_ID_RE.match(snapshot_id):
+    if not SNAPSHOT_ID_RE.fullmatch(snapshot_id):
         raise InvalidInput(f"invalid snapshot id {snapshot_id!r}",
                            "use 1-63 lowercase letters, digits and '-', starting with a letter",
                            code="invalid_snapshot_id")

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from .. import parameters
 from ..classes import get_class
+from ..controlplane import credentials
 from ..controlplane.changes import restart_needed
 from ..controlplane.switchover import choose_target
 from ..controlplane.topology import Snapshot, member_views
@@ -38,6 +39,7 @@ class ModifyRequest(BaseModel):
     params: dict[str, str] = Field(default_factory=dict)
     multi_az: bool | None = None
     storage_gb: int | None = Field(None, ge=1, le=65536)
+    credential_rotation_days: int | None = Field(None, ge=0, le=365)
 
     model_config = {"populate_by_name": True}
 
@@ -180,13 +182,14 @@ async def promote_replica(name: str, member: str, body: PromoteRequest, request:
                        f"wait until it is streaming ('dbplane db describe {name}')",
                        code="target_unhealthy")
     new_name = body.new_name or m.name
-    if not NAME_RE.match(new_name):
+    if not NAME_RE.fullmatch(new_name):
         raise InvalidInput(f"invalid database name {new_name!r}",
                            "use 2-42 lowercase letters, digits and '-', starting with a letter",
                            code="invalid_name")
     promoted = DatabaseSpec(name=new_name, instance_class=spec.instance_class,
                             storage_gb=spec.storage_gb, params=spec.params, engine=spec.engine,
                             version=spec.version, admin_user=spec.admin_user,
+                            allowlist=spec.allowlist,     # the same clients keep connecting
                             promoted_from=PromotedFrom(database=name, member=m.name))
     op = Operation(kind="promote-replica", database=new_name,
                    params={"source": name, "member": m.name})
@@ -212,9 +215,10 @@ async def promote_replica(name: str, member: str, body: PromoteRequest, request:
 async def modify_database(name: str, body: ModifyRequest, request: Request):
     s = _store(request)
     if body.instance_class is None and not body.params and body.multi_az is None \
-            and body.storage_gb is None:
-        raise InvalidInput("nothing to modify", "pass --class, --param k=v, --storage-gb N or "
-                           "--multi-az/--no-multi-az", code="nothing_to_modify")
+            and body.storage_gb is None and body.credential_rotation_days is None:
+        raise InvalidInput("nothing to modify", "pass --class, --param k=v, --storage-gb N, "
+                           "--multi-az/--no-multi-az or --credential-rotation-days N",
+                           code="nothing_to_modify")
     if body.instance_class is not None:
         get_class(body.instance_class)
     parameters.validate(body.params)
@@ -231,8 +235,27 @@ async def modify_database(name: str, body: ModifyRequest, request: Request):
         "params": {**spec.params, **body.params},
         "multi_az": spec.multi_az if body.multi_az is None else body.multi_az,
         "storage_gb": body.storage_gb or spec.storage_gb,
+        "credential_rotation_days": spec.credential_rotation_days if body.credential_rotation_days is None
+        else body.credential_rotation_days,
         "generation": spec.generation + 1})
     op = Operation(kind="modify", database=name, params={
         **body.model_dump(by_alias=True), "generation": new.generation,
         "restart": restart_needed(spec, new)})
     return await _start(s, new, op)
+
+
+# -- credentials --------------------------------------------------------------------------------
+
+@router.post("/v1/databases/{name}/rotate-credentials", status_code=202)
+async def rotate_credentials(name: str, request: Request):
+    """New superuser, replication, rewind and admin passwords (controlplane/credentials.py)."""
+    s = _store(request)
+    spec, snap = await _ready(s, name)
+    running = [o for o in snap.operations() if o.database == name and o.kind == credentials.KIND
+               and not o.done]
+    if running:
+        raise Conflict(f"a credential rotation of {name} is already running ({running[0].id})",
+                       f"wait for it: dbplane ops wait {running[0].id}", code="operation_in_progress")
+    op = credentials.new_operation(name)
+    await s.put(keys.operation(op.id), op)
+    return op.model_dump()

@@ -8,8 +8,11 @@ from ..controlplane.proxy import endpoints as proxy_endpoints
 from ..controlplane.storage import used_bytes
 from ..controlplane.topology import Snapshot, endpoints, member_views
 from ..errors import NotFound
-from ..models import ArchiveStatus, DatabaseSpec, PlatformConfig
+from ..models import ArchiveStatus, DatabaseSecrets, DatabaseSpec, PlatformConfig
+from ..parameters import require_tls
+from ..security.tls import database_tls
 from ..store import Store, keys
+from ..system import postgres_bin_dir
 
 
 async def get_spec(store: Store, name: str) -> DatabaseSpec:
@@ -25,7 +28,7 @@ async def database_snapshot(store: Store, name: str) -> Snapshot:
     raw: dict[str, bytes] = {}
     for prefix in (f"{keys.databases()}{name}/", keys.members(name), keys.member_statuses(name),
                    keys.patroni_scope(name), keys.hosts(), keys.proxy_ports(name), keys.config(),
-                   keys.archive_status(name), keys.backups(name)):
+                   keys.archive_status(name), keys.backups(name), keys.secrets(name)):
         raw.update(await store.get_prefix(prefix))
     return Snapshot(raw)
 
@@ -61,8 +64,20 @@ def describe(spec: DatabaseSpec, snap: Snapshot) -> dict:
         "pending_changes": pending_changes(spec, status),
         "promoted_from": spec.promoted_from.model_dump() if spec.promoted_from else None,
         "backup": backup_view(spec, snap),
+        "tls": database_tls(require_tls(spec), postgres_bin_dir()),
+        "allowlist": [r.model_dump() for r in spec.allowlist],
+        "credentials": credentials_view(spec, snap),
         "created_at": spec.created_at,
     }
+
+
+def credentials_view(spec: DatabaseSpec, snap: Snapshot) -> dict:
+    """When the passwords were last rotated and when they will be next (never the passwords)."""
+    raw = snap.raw.get(keys.secrets(spec.name))
+    rotated = DatabaseSecrets.model_validate_json(raw).rotated_at if raw else 0.0
+    days = spec.credential_rotation_days
+    return {"rotation_days": days, "rotated_at": rotated or None,
+            "next_rotation_at": (rotated or spec.created_at) + days * 86400 if days else None}
 
 
 def backup_view(spec: DatabaseSpec, snap: Snapshot) -> dict:

@@ -17,7 +17,9 @@ from ..agent.postgres import stop_postgres
 from ..errors import DbplaneError, InvalidInput
 from ..models import DatabaseStatus, MemberSpec, PlatformConfig, RepositorySpec
 from ..paths import Layout, PlatformInfo
-from ..security import kms
+from ..security import ca, credentials, iam, kms, tls
+from ..security.sealed import SECRETS_KEY_ALIAS
+from ..security.signing import SigningAuth
 from ..store import keys
 from ..store.gateway import Gateway
 from ..system import (
@@ -76,11 +78,17 @@ def _argv(component: str, root: Path, info: PlatformInfo) -> list[str]:
                 "--listen-client-urls", info.etcd_url, "--advertise-client-urls", info.etcd_url,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"dbplane={peer}", "--log-level", "warn",
-                "--quota-backend-bytes", str(2 * 1024**3)]
+                "--quota-backend-bytes", str(2 * 1024**3),
+                # old revisions (every audit append, status write, ...) must not fill the quota
+                "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h"]
     if component == "controller":
         return _dbplane(root, "controller", "--etcd", info.etcd_url)
     if component == "api":
-        return _dbplane(root, "api", "--etcd", info.etcd_url, "--listen", f"{ADDRESS}:{info.api_port}")
+        argv = _dbplane(root, "api", "--etcd", info.etcd_url, "--listen", f"{ADDRESS}:{info.api_port}")
+        if info.api_url.startswith("https://"):
+            cert, key = tls.api_certificate(root)
+            argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        return argv
     zone = component.removeprefix("agent-")
     return _dbplane(root, "agent", "--etcd", info.etcd_url, "--zone", zone,
                     "--name", agent_name(zone), "--address", ADDRESS)
@@ -118,7 +126,7 @@ def kms_runtime_file(layout: Layout) -> Path:
 
 
 def up(root: Path, port_base: int | None = None, pg_bin_dir: str | None = None,
-       say=print, kms_passphrase_file: Path | None = None) -> PlatformInfo:
+       say=print, kms_passphrase_file: Path | None = None, api_tls: bool = False) -> PlatformInfo:
     layout = Layout(root)
     os.environ.pop("DBPLANE_PG_BIN_DIR", None)
     if pg_bin_dir:
@@ -144,6 +152,13 @@ def up(root: Path, port_base: int | None = None, pg_bin_dir: str | None = None,
     os.chmod(root, 0o755)
     run_as = ensure_service_account()
     check_account_can_use(run_as, [str(root), venv_python(), info.pg_bin_dir + "/postgres"])
+    if ca.ensure_ca(root):
+        say(f"created the platform CA in {ca.ca_dir(root)} (export it with 'dbplane ca cert')")
+    if api_tls or info.api_url.startswith("https://"):      # once https, always https
+        info = info.model_copy(update={"api_url": f"https://{ADDRESS}:{info.api_port}"})
+        why = tls.ensure_leaf(root, *tls.api_certificate(root), [ADDRESS, "localhost"], None)
+        if why:
+            say(f"issued the API's TLS certificate ({why})")
     kms_root = kms.ensure_root_key(root / "kms", kms_runtime_file(layout),
                                    owner=(run_as.uid, run_as.gid) if run_as else None,
                                    passphrase_file=kms_passphrase_file)
@@ -168,14 +183,55 @@ def up(root: Path, port_base: int | None = None, pg_bin_dir: str | None = None,
             _wait(lambda: httpx.get(f"{info.etcd_url}/health", timeout=1).json()["health"] == "true",
                   "etcd", layout.logfile("etcd"), layout)
             _put_config(info, kms_root)
-            if kms.ensure_default_key(Gateway(info.etcd_url), kms_root):
-                say(f"created KMS key {kms.DEFAULT_ALIAS}")
             _ensure_local_repository(layout, Gateway(info.etcd_url), run_as)
-    _wait(lambda: httpx.get(f"{info.api_url}/healthz", timeout=1).status_code == 200,
+    verify = tls.verify_for(info.api_url, ca.cert_path(root))
+    _wait(lambda: httpx.get(f"{info.api_url}/healthz", timeout=1, verify=verify).status_code == 200,
           "the API", layout.logfile("api"), layout)
-    _wait(lambda: len(httpx.get(f"{info.api_url}/v1/hosts", timeout=1).json()) >= len(ZONES),
+    _ensure_platform_keys(layout, Gateway(info.etcd_url), kms_root, say)
+    admin = credentials.read_profile(credentials.data_root_file(root), credentials.DEFAULT_PROFILE)
+    api = httpx.Client(base_url=info.api_url, timeout=1, auth=SigningAuth(admin.key_id, admin.secret),
+                       verify=verify)
+    _wait(lambda: len(api.get("/v1/hosts").json()) >= len(ZONES),
           "the agents", layout.logfile("agent-a"), layout)
     return info
+
+
+def bootstrap(root: Path, etcd_url: str, say=print, kms_passphrase_file: Path | None = None) -> Path:
+    """For components started one by one (`dbplane bootstrap --etcd URL`): the KMS root
+    key under this data root, the platform config naming it (if etcd has none), the
+    platform's KMS keys and user admin with its credentials in <root>/credentials."""
+    layout = Layout(root)
+    root.mkdir(parents=True, exist_ok=True)
+    run_as = ensure_service_account()
+    kms_root = kms.ensure_root_key(root / "kms", kms_runtime_file(layout),
+                                   owner=(run_as.uid, run_as.gid) if run_as else None,
+                                   passphrase_file=kms_passphrase_file)
+    etcd = Gateway(etcd_url)
+    raw = etcd.get(keys.config())
+    config = PlatformConfig.model_validate_json(raw) if raw else PlatformConfig()
+    if not config.kms_root_file:
+        etcd.put(keys.config(), config.model_copy(update={"kms_root_file": str(kms_root)}).model_dump_json())
+    _ensure_platform_keys(layout, etcd, kms_root, say)
+    return credentials.data_root_file(root)
+
+
+def _ensure_platform_keys(layout: Layout, etcd: Gateway, kms_root: Path, say) -> None:
+    for alias, what in ((kms.DEFAULT_ALIAS, "default key of backups and WAL archives"),
+                        (SECRETS_KEY_ALIAS, "key of the secrets dbplane stores in etcd")):
+        if kms.ensure_default_key(etcd, kms_root, alias, what):
+            say(f"created KMS key {alias}")
+    _ensure_admin(layout, etcd, kms_root, say)
+
+
+def _ensure_admin(layout: Layout, etcd: Gateway, kms_root: Path, say) -> None:
+    """User admin (AdministratorAccess) and its access key in <root>/credentials (0600,
+    profile default), which the CLI on this machine uses by default."""
+    path = credentials.data_root_file(layout.root)
+    current = credentials.read_profile(path, credentials.DEFAULT_PROFILE)
+    new = iam.bootstrap(etcd, str(kms_root), current.key_id if current else None)
+    if new:
+        credentials.write_profile(path, credentials.DEFAULT_PROFILE, *new)
+        say(f"admin credentials: {path} (profile default; user admin, AdministratorAccess)")
 
 
 def _put_config(info: PlatformInfo, kms_root: Path) -> None:
@@ -196,7 +252,7 @@ def _ensure_local_repository(layout: Layout, etcd: Gateway, run_as) -> None:
                  RepositorySpec(name="local", kind="filesystem", path=str(path)).model_dump_json())
 
 
-def pause_clusters(etcd: Gateway, timeout: float = 15.0) -> list[str]:
+def pause_clusters(etcd: Gateway, ca_file: Path, timeout: float = 15.0) -> list[str]:
     """Put every database's Patroni into maintenance mode so that stopping the hosts one
     by one causes no failover; the controller resumes them after the next `up`.
     Returns the databases paused."""
@@ -216,12 +272,14 @@ def pause_clusters(etcd: Gateway, timeout: float = 15.0) -> list[str]:
             etcd.put(f"{keys.patroni_scope(db)}config", json.dumps({**config, "pause": True}))
         paused.append(db)
     deadline = time.monotonic() + timeout
+    verify = tls.client_context(ca_file) if ca_file.exists() else True
     for m in members:
         if m.database not in paused:
             continue
         while time.monotonic() < deadline:      # each Patroni notices within its loop_wait
             try:
-                if httpx.get(f"http://{m.address}:{m.api_port}/patroni", timeout=1).json().get("pause"):
+                if httpx.get(f"https://{m.address}:{m.api_port}/patroni", timeout=1,
+                             verify=verify).json().get("pause"):
                     break
             except (httpx.HTTPError, ValueError):
                 break                            # not running: nothing to pause
@@ -235,7 +293,7 @@ def down(root: Path, say=print) -> list[str]:
     stopped = []
     if process.running_pid(layout.pidfile("etcd")):
         try:
-            paused = pause_clusters(Gateway(layout.read_platform().etcd_url))
+            paused = pause_clusters(Gateway(layout.read_platform().etcd_url), ca.cert_path(root))
             if paused:
                 say(f"paused failover for {', '.join(paused)}")
         except DbplaneError as e:

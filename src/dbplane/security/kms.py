@@ -19,6 +19,7 @@ here logs it, and `repr` of what holds it does not show it.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import json
 import os
@@ -263,7 +264,7 @@ def _material(root_key: bytes, key: KmsKey, version: int) -> bytes:
 
 
 def check_alias(alias: str) -> str:
-    if alias and (not ALIAS_RE.match(alias) or len(alias) > MAX_ALIAS
+    if alias and (not ALIAS_RE.fullmatch(alias) or len(alias) > MAX_ALIAS
                   or alias.startswith("alias/aws/") or alias.endswith("/") or "//" in alias):
         raise KmsError(f"invalid KMS alias {alias!r}",
                        "write alias/NAME with letters, digits, '/', '_' and '-' (at most "
@@ -452,6 +453,17 @@ def parse_wrapped(wrapped: bytes) -> tuple[str, int]:
                        code="kms_decrypt_failed") from None
 
 
+# uses of KMS keys in this process, (operation, key id) -> count, until the audit log
+# takes them (security/audit.py record_key_use)
+KEY_USE: collections.Counter[tuple[str, str]] = collections.Counter()
+
+
+def drain_key_use() -> dict[tuple[str, str], int]:
+    used = dict(KEY_USE)
+    KEY_USE.clear()
+    return used
+
+
 class Kms:
     """Encrypts and decrypts data keys with the keys read from etcd. Holds the root key:
     it is never shown by repr."""
@@ -485,6 +497,7 @@ class Kms:
         material = _material(self.__root, key, version)
         plaintext, nonce, header = os.urandom(KEY_SIZE), os.urandom(NONCE_SIZE), _blob_header(key.id, version)
         wrapped = header + nonce + AESGCM(material).encrypt(nonce, plaintext, header)
+        KEY_USE["GenerateDataKey", key.id] += 1
         return DataKey(plaintext, wrapped, key.id, version)
 
     def decrypt_data_key(self, wrapped: bytes) -> bytes:
@@ -498,6 +511,7 @@ class Kms:
         check_usable(key)
         header_len = 10 + len(key_id)
         nonce = wrapped[header_len:header_len + NONCE_SIZE]
+        KEY_USE["Decrypt", key.id] += 1
         try:
             return AESGCM(_material(self.__root, key, version)).decrypt(
                 nonce, wrapped[header_len + NONCE_SIZE:], wrapped[:header_len])
@@ -585,13 +599,14 @@ async def check_unused(store: Store, key: KmsKey) -> None:
         raise in_use(key, users)
 
 
-def ensure_default_key(gateway, root_file: Path | str) -> KmsKey | None:
-    """`dbplane up`: create the backups' default key (alias/dbplane/backup) if no key has
-    that alias. `gateway` is the synchronous store.gateway.Gateway. Returns the new key."""
+def ensure_default_key(gateway, root_file: Path | str, alias: str = DEFAULT_ALIAS,
+                       description: str = "default key of backups and WAL archives") -> KmsKey | None:
+    """`dbplane up`: create a platform key (alias/dbplane/backup for backups,
+    alias/dbplane/secrets for stored secrets) if no key has that alias. `gateway` is the
+    synchronous store.gateway.Gateway. Returns the new key."""
     existing = [KmsKey.model_validate_json(v) for v in gateway.get_prefix(store_keys.kms_keys()).values()]
-    if find_key(existing, DEFAULT_ALIAS) is not None:
+    if find_key(existing, alias) is not None:
         return None
-    key = new_key(load_root_key(root_file), alias=DEFAULT_ALIAS,
-                  description="default key of backups and WAL archives (created by dbplane up)")
+    key = new_key(load_root_key(root_file), alias=alias, description=f"{description} (created by dbplane up)")
     gateway.put(store_keys.kms_key(key.id), key.model_dump_json())
     return key

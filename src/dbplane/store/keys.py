@@ -7,6 +7,7 @@ clusters live under PATRONI_NAMESPACE, one scope per database.
   /dbplane/v1/members/<db>/<member>        MemberSpec    controller (placement)
   /dbplane/v1/member-status/<db>/<member>  MemberStatus  agent
   /dbplane/v1/secrets/<db>                 DatabaseSecrets controller
+  /dbplane/v1/secrets-next/<db>            DatabaseSecrets controller, during a credential rotation
   /dbplane/v1/ports/<address>/<port>       member name   controller (allocation)
   /dbplane/v1/operations/<id>              Operation     API creates, controller drives
   /dbplane/v1/events/<db>/<id>             Event         controller
@@ -27,6 +28,15 @@ clusters live under PATRONI_NAMESPACE, one scope per database.
   /dbplane/v1/drills/<db>/<id>             DrillRecord   controller, backup worker (checks)
   /dbplane/v1/restore-failed/<db>          message       restore bootstrap command that failed
   /dbplane/v1/kms/keys/<key-id>            KmsKey        API, controller (rotation, deletion)
+  /dbplane/v1/iam/{users,roles}/<name>     Principal     API (`dbplane up` writes user admin)
+  /dbplane/v1/iam/policies/<name>          ManagedPolicy API (`dbplane up` writes the built-in ones)
+  /dbplane/v1/iam/access-keys/<key-id>     AccessKey     API (secret sealed under a KMS key)
+  /dbplane/v1/iam/db-passwords/<db>/<user> SealedSecret  proxy: the password of a dbplane_iam user
+  /dbplane/v1/audit/head                   AuditHead     any audit writer (signed chain head)
+  /dbplane/v1/audit/entries/<seq>          audit entry   any audit writer (hash chain)
+  /dbplane/v1/audit/checkpoints/<seq>      Checkpoint    any audit writer (signed, every 100 / 60 s)
+  /dbplane/v1/audit/anchor                 Anchor        any audit writer (signed, after trimming)
+  /dbplane/v1/audit/settings               AuditSettings API (retention)
   /dbplane-patroni/<db>/...                Patroni's own keys (leader, sync, members, ...)
 """
 
@@ -72,6 +82,10 @@ def member_status(db: str, name: str) -> str:
 
 def secrets(db: str) -> str:
     return f"{ROOT}secrets/{db}"
+
+
+def secrets_next(db: str) -> str:
+    return f"{ROOT}secrets-next/{db}"
 
 
 def ports(address: str = "") -> str:
@@ -196,3 +210,60 @@ def archive_removals() -> str:
 
 def archive_removal(archive_id: str) -> str:
     return f"{ROOT}archive-removal/{archive_id}"
+
+
+# identity and access (security/iam.py)
+
+def iam_principals(kind: str) -> str:
+    return f"{ROOT}iam/{kind}s/"
+
+
+def iam_principal(kind: str, name: str) -> str:
+    return f"{ROOT}iam/{kind}s/{name}"
+
+
+def iam_policies() -> str:
+    return ROOT + "iam/policies/"
+
+
+def iam_policy(name: str) -> str:
+    return f"{ROOT}iam/policies/{name}"
+
+
+def iam_access_keys() -> str:
+    return ROOT + "iam/access-keys/"
+
+
+def iam_access_key(key_id: str) -> str:
+    return f"{ROOT}iam/access-keys/{key_id}"
+
+
+# audit log
+
+def audit_head() -> str:
+    return ROOT + "audit/head"
+
+
+def audit_anchor() -> str:
+    return ROOT + "audit/anchor"
+
+
+def audit_settings() -> str:
+    return ROOT + "audit/settings"
+
+
+def audit_entry(seq: int) -> str:
+    """Zero-padded so that key order is sequence order."""
+    return f"{ROOT}audit/entries/{seq:012d}"
+
+
+def audit_checkpoint(seq: int) -> str:
+    return f"{ROOT}audit/checkpoints/{seq:012d}"
+
+
+def iam_db_passwords(db: str) -> str:
+    return f"{ROOT}iam/db-passwords/{db}/"
+
+
+def iam_db_password(db: str, user: str) -> str:
+    return f"{ROOT}iam/db-passwords/{db}/{user}"
