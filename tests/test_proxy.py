@@ -248,14 +248,24 @@ def test_reader_skips_lagging_replicas(px):
                               password=secrets.superuser, autocommit=True, connect_timeout=5)
               for m in replicas]
     proxy_settings(px, DB, reader_max_lag_bytes=0)
+
+    def routing() -> list[dict]:
+        return [p["routing"] or {} for p in stats(px, DB)["proxies"] if p["ok"]]
+    # every proxy has the new bound (they apply it from etcd's watch)
+    wait_for(lambda: all(r.get("reader_max_lag_bytes") == 0 for r in routing()), 30,
+             "every proxy to apply reader_max_lag_bytes=0")
     try:
         for c in supers:
             c.execute("SELECT pg_wal_replay_pause()")
         with px.connect(DB, autocommit=True) as w:
             w.execute("INSERT INTO items SELECT g, 'lag' FROM generate_series(-2000, -1001) g")
         with px.connect(DB, "reader", autocommit=True) as r:
-            wait_for(lambda: r.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False, 40,
-                     "the reader endpoint to fall back to the primary")
+            try:
+                wait_for(lambda: r.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False, 40,
+                         "the reader endpoint to fall back to the primary")
+            except AssertionError as e:        # say what the proxies saw
+                members = [(m["name"], m["role"]) for m in px.describe(DB)["members"]]
+                raise AssertionError(f"{e}; proxies' routing: {routing()}; members: {members}") from None
             assert r.execute("SELECT count(*) FROM items WHERE note = 'lag'").fetchone()[0] == 1000
     finally:
         for c in supers:

@@ -350,6 +350,7 @@ class Proxy:
                 "budgets": {c.name: c.budget for c in self.clusters.values()},
                 "routing": {c.name: {"primary": c.primary, "readable_replicas": c.readable_replicas(),
                                      "lag_bytes": {m: c.monitor.lag(m) for m in c.replicas},
+                                     "reader_max_lag_bytes": c.settings.reader_max_lag_bytes,
                                      "draining": c.draining}
                             for c in self.clusters.values() if not database or c.name == database}}
 
