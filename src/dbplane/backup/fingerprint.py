@@ -4,7 +4,9 @@ exactly the same rows back.
 
 On a standby the count is exact: WAL replay is paused, the counts see exactly what was
 replayed up to the position recorded, then replay resumes (the primary does not wait: a
-synchronous standby still receives and flushes WAL while replay is paused). On a primary
+synchronous standby still receives and flushes WAL while replay is paused). Patroni
+resumes a paused replay within one of its cycles (2 s), so a count that outlasts that is
+marked inexact (replay moved past the recorded position). On a primary
 (no standby) writes go on while counting, so the fingerprint is marked inexact and a
 drill only reports differences."""
 
@@ -71,6 +73,14 @@ async def take(address: str, port: int, password: str, on_standby: bool) -> Fing
                 "order by 1 limit %s", (MAX_DATABASES,))).fetchall()
             for (db,) in dbs:
                 await count_database(address, port, password, db, fp)
+            if on_standby and fp.exact:
+                # Patroni resumes a paused replay on PostgreSQL 14+ within one of its cycles:
+                # the counts are exact only if replay did not move while they ran
+                now = (await (await conn.execute("select pg_last_wal_replay_lsn()::text")).fetchone())[0]
+                if now != fp.lsn:
+                    log.info("replay moved from %s to %s while counting (resumed by Patroni): "
+                             "the fingerprint is inexact", fp.lsn, now)
+                    fp.exact = False
         finally:
             if on_standby:
                 await conn.execute("select pg_wal_replay_resume()")
