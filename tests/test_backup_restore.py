@@ -91,7 +91,9 @@ def test_snapshot_restore_to_multi_az(platform, source):
     platform.cli("snapshot", "create", source, "--id", "rs-snap-1", "--wait", timeout=300)
     insert(platform, source, ["after-snapshot"])
     platform.cli("db", "restore", "rs-from-snap", "--from-snapshot", "rs-snap-1", "--class", "micro",
-                 "--multi-az", "--wait", timeout=600)
+                 "--multi-az", "--allow", "127.0.0.1", "--allow", "10.20.0.0/16", "--wait", timeout=600)
+    assert [r["cidr"] for r in platform.describe("rs-from-snap")["allowlist"]] == \
+        ["127.0.0.1/32", "10.20.0.0/16"]
     restored = rows(platform, "rs-from-snap")
     assert restored[-1] == "before-snapshot" and "after-snapshot" not in restored
     # the standby is cloned from the restored primary and follows it synchronously
@@ -169,6 +171,7 @@ def test_restore_refuses_to_skip_a_gap_in_the_archive(platform):
     ((), "invalid_restore_source"),
     (("--from", DB), "invalid_restore_target"),
     (("--from", DB, "--to-time", "yesterday"), "invalid_time"),
+    (("--from", DB, "--latest", "--allow", "10.0.0.300/8"), "invalid_cidr"),
 ])
 def test_bad_restore_requests_are_refused(platform, source, args, code):
     r = restore(platform, "rs-bad", *args, check=False)

@@ -227,6 +227,8 @@ def db_restore(name: str = typer.Argument(..., help="the new database"),
                storage_gb: int = typer.Option(10, help="storage quota in GB"),
                backups: bool = typer.Option(True, "--backups/--no-backups",
                                             help="continuous WAL archive and automated backups"),
+               allow: list[str] = typer.Option([], "--allow", help="CIDR whose clients may connect "
+                                               "(repeatable; default: loopback only)"),
                wait: bool = typer.Option(False, "--wait", help="wait until available"),
                output: Output = OutputOpt):
     """Create a database from a snapshot, or from another database's backups at a point in
@@ -234,7 +236,7 @@ def db_restore(name: str = typer.Argument(..., help="the new database"),
     op = client().post("/v1/databases/restore", {
         "name": name, "class": instance_class, "multi_az": multi_az, "replicas": replicas,
         "storage_gb": storage_gb, "snapshot": from_snapshot, "source": source, "backups": backups,
-        "repository": repository,
+        "repository": repository, "allowlist": [{"cidr": c} for c in allow] if allow else None,
         "time": parse_time(to_time) if to_time else None, "latest": latest})
     _started(op, wait, output)
 
