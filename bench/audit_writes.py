@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,21 +28,26 @@ from dbplane.paths import Layout
 from dbplane.security import audit
 from dbplane.store import Store, keys
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from platform_helpers import wait_for  # noqa: E402  (the tests' condition wait)
 
-def audit_revisions(etcd: str) -> tuple[set[int], int]:
+
+def audit_revisions(etcd: str) -> tuple[set[int], int, int]:
+    """The mod revisions of the audit entries, etcd's revision, and how many entries."""
     prefix = keys.audit_entry(0)[:-12]
     end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
     r = httpx.post(f"{etcd}/v3/kv/range", json={
         "key": base64.b64encode(prefix.encode()).decode(),
         "range_end": base64.b64encode(end.encode()).decode(), "keys_only": True}).json()
-    return {int(kv["mod_revision"]) for kv in r.get("kvs", [])}, int(r["header"]["revision"])
+    kvs = r.get("kvs", [])
+    return {int(kv["mod_revision"]) for kv in kvs}, int(r["header"]["revision"]), len(kvs)
 
 
 def api_calls(client: ApiClient, etcd: str) -> None:
     for label, calls, pause, clients in (("1 call/s, like --wait", 10, 1.0, 1),
                                          ("back to back, 1 client", 100, 0.0, 1),
                                          ("8 clients at once", 400, 0.0, 8)):
-        before, rev0 = audit_revisions(etcd)
+        before, rev0, count0 = audit_revisions(etcd)
 
         def work(n: int, pause: float = pause) -> None:
             for _ in range(n):
@@ -54,8 +60,10 @@ def api_calls(client: ApiClient, etcd: str) -> None:
         for t in threads:
             t.join()
         elapsed = time.monotonic() - t0
-        time.sleep(1.5)                                  # the last batch's flush
-        after, rev1 = audit_revisions(etcd)
+        # the last batch is flushed within about half a second: wait until every call is in
+        want = count0 + calls
+        wait_for(lambda want=want: audit_revisions(etcd)[2] >= want, 10, "the audit entries")
+        after, rev1, _ = audit_revisions(etcd)
         txns = len(after - before)
         print(f"{label:24} {calls:4} calls in {elapsed:5.1f} s: {txns:3} audit transactions "
               f"({txns / calls:.2f} per call), etcd revision +{rev1 - rev0}")
