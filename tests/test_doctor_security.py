@@ -3,32 +3,28 @@ with evidence and fix; a clean database passes; a critical finding exits 1."""
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
 import time
 
-import httpx
 import pytest
 
 from dbplane.doctor import security
 from dbplane.models import Host, RepositorySpec
 from dbplane.security import ca, iam
 from dbplane.store import keys
+from dbplane.store.gateway import Gateway
 from platform_helpers import one_line_error
 
 DB = "doc-sec"
 
 
 def _etcd_put(platform, key: str, value: str) -> None:
-    httpx.post(f"{platform.info.etcd_url}/v3/kv/put", json={
-        "key": base64.b64encode(key.encode()).decode(),
-        "value": base64.b64encode(value.encode()).decode()}).raise_for_status()
+    Gateway(platform.info.etcd_url).put(key, value)
 
 
 def _etcd_delete(platform, key: str) -> None:
-    httpx.post(f"{platform.info.etcd_url}/v3/kv/deleterange",
-               json={"key": base64.b64encode(key.encode()).decode()}).raise_for_status()
+    Gateway(platform.info.etcd_url).delete(key)
 
 
 def _findings(platform, *args: str) -> tuple[int, list[dict]]:
@@ -95,9 +91,8 @@ def test_platform_checks_keys_policies_and_access_keys(platform):
     _etcd_put(platform, keys.repository("doc-old"), repo.model_dump_json())
     # an access key created 120 days ago
     admin_keys = platform.api.get("/v1/iam/users/admin/access-keys").json()
-    raw = httpx.post(f"{platform.info.etcd_url}/v3/kv/range", json={
-        "key": base64.b64encode(keys.iam_access_key(admin_keys[0]["id"]).encode()).decode()}).json()
-    record = iam.AccessKey.model_validate_json(base64.b64decode(raw["kvs"][0]["value"]))
+    record = iam.AccessKey.model_validate_json(
+        Gateway(platform.info.etcd_url).get(keys.iam_access_key(admin_keys[0]["id"])))
     old = record.model_copy(update={"id": "DPAKOLDOLDOLDOLDOLD2", "status": "Active",
                                     "created_at": time.time() - 120 * 86400})
     _etcd_put(platform, keys.iam_access_key(old.id), old.model_dump_json())

@@ -4,7 +4,6 @@ cycle, the lock-out guard, and secrets that never show."""
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
 import stat
@@ -16,6 +15,8 @@ import pytest
 
 from dbplane.security import credentials, dbtoken
 from dbplane.security.signing import SigningAuth, sign
+from dbplane.store import keys
+from dbplane.store.gateway import Gateway
 from platform_helpers import one_line_error, signed_client, wait_for
 
 PREFIX = "iam-"
@@ -177,10 +178,7 @@ def test_access_key_life_cycle_and_secrets(platform, cli_env):
     _error(app.get("/v1/hosts"), 403, "access_denied")                 # no policy: nothing allowed
 
     # the secret is sealed in etcd and absent from every answer
-    raw = httpx.post(f"{platform.info.etcd_url}/v3/kv/range", json={
-        "key": base64.b64encode(b"/dbplane/v1/iam/").decode(),
-        "range_end": base64.b64encode(b"/dbplane/v1/iam0").decode()}).json()
-    dump = b"".join(base64.b64decode(kv["value"]) for kv in raw["kvs"])
+    dump = b"".join(Gateway(platform.info.etcd_url).get_prefix(keys.ROOT + "iam/").values())
     assert key.secret.encode() not in dump and b"ciphertext" in dump
     listed = platform.api.get("/v1/iam/roles/orders-app").text
     assert key.key_id in listed and key.secret not in listed

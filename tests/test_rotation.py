@@ -10,18 +10,14 @@ import pytest
 from dbplane.controlplane.credentials import due
 from dbplane.models import DatabaseSecrets, DatabaseSpec
 from dbplane.store import keys
+from dbplane.store.gateway import Gateway
 from platform_helpers import one_line_error, wait_for
 
 DB = "rot-db"
 
 
 def _secrets(platform) -> DatabaseSecrets:
-    import base64
-
-    import httpx
-    r = httpx.post(f"{platform.info.etcd_url}/v3/kv/range",
-                   json={"key": base64.b64encode(keys.secrets(DB).encode()).decode()}).json()
-    return DatabaseSecrets.model_validate_json(base64.b64decode(r["kvs"][0]["value"]))
+    return DatabaseSecrets.model_validate_json(Gateway(platform.info.etcd_url).get(keys.secrets(DB)))
 
 
 @pytest.fixture(scope="module")

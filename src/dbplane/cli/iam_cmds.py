@@ -121,7 +121,7 @@ def create_policy(name: str = typer.Argument(...),
     """Create a managed policy from a JSON document (IAM grammar: Effect, Action, Resource, Condition)."""
     p = client().post("/v1/iam/policies", {"name": name, "document": _read_document(document),
                                            "description": description})
-    render.as_json(p) if output == Output.json else render.console.print(f"created policy {p['name']}")
+    render.sentence(p, output, f"created policy {p['name']}")
 
 
 @iam_app.command("list-policies")
@@ -172,11 +172,8 @@ def create_access_key(user: str | None = typer.Option(None, "--user"),
     k = client().post(f"/v1/iam/{kind}s/{name}/access-keys")
     credentials.write_profile(path, profile, k["id"], k.pop("secret_access_key"))
     k["profile"], k["credentials_file"] = profile, str(path)
-    if output == Output.json:
-        render.as_json(k)
-        return
-    render.console.print(f"created access key {k['id']} for {kind} {name}; its secret is in profile "
-                         f"{profile} of {path} (use: dbplane --profile {profile} ...)")
+    render.sentence(k, output, f"created access key {k['id']} for {kind} {name}; its secret is in "
+                    f"profile {profile} of {path} (use: dbplane --profile {profile} ...)")
 
 
 @iam_app.command("list-access-keys")
@@ -216,11 +213,8 @@ def simulate(action: str = typer.Option(..., "--action", help="e.g. db:DeleteDat
     kind, name = _principal(user, role)
     d = client().post("/v1/iam/simulate", {"principal": f"{kind}/{name}", "action": action,
                                            "resource": resource, "source_ip": source_ip})
-    if output == Output.json:
-        render.as_json(d)
-        return
-    render.console.print(f"{d['decision']}: {d['principal']} {d['action']} on {d['resource']} "
-                         f"({d['reason']})")
+    render.sentence(d, output, f"{d['decision']}: {d['principal']} {d['action']} on {d['resource']} "
+                    f"({d['reason']})")
 
 
 @iam_app.command("whoami")
@@ -230,7 +224,4 @@ def whoami(output: Output = OutputOpt):
     d = c.get("/v1/whoami")
     d["access_key_id"] = c.credentials.key_id if c.credentials else None
     d["credentials"] = c.credentials.source if c.credentials else None
-    if output == Output.json:
-        render.as_json(d)
-        return
-    render.console.print(f"{d['principal']} (access key {d['access_key_id']} from {d['credentials']})")
+    render.sentence(d, output, f"{d['principal']} (access key {d['access_key_id']} from {d['credentials']})")

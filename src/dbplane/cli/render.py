@@ -36,6 +36,14 @@ def table(rows: Iterable[dict], columns: list[tuple[str, str]], title: str | Non
     console.print(t)
 
 
+def sentence(data, output_format: str, text: str) -> None:
+    """A command's result: the data as JSON, or one line for people."""
+    if output_format == "json":
+        as_json(data)
+    else:
+        console.print(text, highlight=False)
+
+
 def output(data, output_format: str, columns: list[tuple[str, str]] | None = None,
            title: str | None = None) -> None:
     if output_format == "json":
