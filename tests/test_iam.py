@@ -212,6 +212,44 @@ def test_the_last_admin_cannot_lock_everyone_out(platform):
         "principal": "user/admin"}
 
 
+def test_session_tokens(platform, cli_env, monkeypatch):
+    _user_with_policy(platform, "tina", {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "platform:DescribeHosts", "Resource": "*"}]}, cli_env)
+    r = platform.cli("--profile", "tina", "iam", "get-session-token", "--duration-seconds", "900")
+    token = r.stdout.strip()
+    assert token.startswith("dbpst1.") and "\n" not in token and "user/tina" in r.stderr
+    key = credentials.read_profile(cli_env, "tina")
+    assert key.secret not in r.stdout + r.stderr
+    bearer = httpx.Client(base_url=platform.info.api_url, timeout=30, verify=platform.verify,
+                          headers={"Authorization": f"Bearer {token}"})
+    assert bearer.get("/v1/whoami").json() == {"principal": "user/tina"}
+    assert bearer.get("/v1/hosts").status_code == 200                  # the user's own permissions
+    _error(bearer.get("/v1/databases/x"), 403, "access_denied")       # and no more
+    _error(bearer.post("/v1/session-token", json={}), 403, "access_denied")  # no token from a token
+
+    # the CLI takes it from the environment, ahead of every profile
+    monkeypatch.setenv("DBPLANE_SESSION_TOKEN", token)
+    assert "user/tina (session token" in platform.cli("iam", "whoami").stdout
+    monkeypatch.delenv("DBPLANE_SESSION_TOKEN")
+
+    head, claims, mac = token.split(".")
+    forged = f"{head}.{claims}.{'A' * len(mac)}"
+    msg = _error(httpx.get(f"{platform.info.api_url}/v1/hosts", verify=platform.verify,
+                           headers={"Authorization": f"Bearer {forged}"}), 401, "invalid_token")
+    assert "forged or altered" in msg
+    _error(httpx.get(f"{platform.info.api_url}/v1/hosts", verify=platform.verify,
+                     headers={"Authorization": "Bearer nonsense"}), 401, "malformed_token")
+    _error(platform.api.post("/v1/session-token", json={"duration_seconds": 60}), 400, "invalid_input")
+
+    # deactivating the access key ends every token it issued
+    platform.cli("iam", "update-access-key", key.key_id, "--status", "Inactive")
+    wait_for(lambda: bearer.get("/v1/hosts").status_code == 401, 15, "the token to stop working")
+    _error(bearer.get("/v1/hosts"), 401, "inactive_access_key")
+    wait_for(lambda: platform.api.get("/v1/audit", params={"principal": "user/tina",
+                                                          "action": "iam:GetSessionToken"}).json()["entries"],
+             15, "the audit entry of the token's issue")
+
+
 def test_a_trailing_newline_is_not_a_valid_name(platform):
     # `$` in a regular expression also matches before a final newline: names use fullmatch
     _error(platform.api.post("/v1/databases", json={"name": "orders\n", "class": "micro"}), 400,

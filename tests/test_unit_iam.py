@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 
+import httpx
 import pytest
 
 from dbplane.errors import InvalidInput
 from dbplane.httpapi.app import create_app
-from dbplane.httpapi.auth import PUBLIC, ROUTES, WHOAMI
-from dbplane.security import policy, signing
+from dbplane.httpapi.auth import PUBLIC, ROUTES, SESSION_TOKEN, WHOAMI
+from dbplane.security import policy, session_token, signing
 from dbplane.security.credentials import read_profile, resolve, write_profile
 
 V = policy.VERSION
@@ -130,7 +132,7 @@ def test_every_route_has_an_action():
     missing = []
     for route in app.routes:
         for method in getattr(route, "methods", None) or []:
-            if method in ("HEAD", "OPTIONS") or route.path in PUBLIC or route.path == WHOAMI:
+            if method in ("HEAD", "OPTIONS") or route.path in PUBLIC or route.path in (WHOAMI, SESSION_TOKEN):
                 continue
             if (method, route.path) not in ROUTES:
                 missing.append(f"{method} {route.path}")
@@ -160,3 +162,34 @@ def test_credentials_profiles(tmp_path, monkeypatch):
     monkeypatch.delenv("DBPLANE_ACCESS_KEY_ID")
     with pytest.raises(InvalidInput, match="no profile nope"):
         resolve(root, "nope")
+
+
+def test_session_tokens_verify_expire_and_resist_forgery():
+    token, expires = session_token.issue("DPAKX", "user/tina", "secret-1", 900, now=1000.0)
+    assert expires == 1900
+    claims = session_token.verify(token, "secret-1", now=1899.0)
+    assert (claims.key_id, claims.principal) == ("DPAKX", "user/tina")
+    with pytest.raises(session_token.TokenError, match="expired") as e:
+        session_token.verify(token, "secret-1", now=1900.0)
+    assert e.value.code == "expired_token"
+    with pytest.raises(session_token.TokenError, match="forged or altered"):
+        session_token.verify(token, "another-secret", now=1000.0)
+    head, _, mac = token.split(".")
+    other, _ = session_token.issue("DPAKX", "user/admin", "other", 900, now=1000.0)
+    spliced = f"{head}.{other.split('.')[1]}.{mac}"                 # claims of another token
+    with pytest.raises(session_token.TokenError, match="forged or altered"):
+        session_token.verify(spliced, "secret-1", now=1000.0)
+    for bad in ("", "dbpst1", "dbpst1.!!.x", "jwt.a.b", "dbpst1.e30.x"):
+        with pytest.raises(session_token.TokenError):
+            session_token.verify(bad, "secret-1", now=1000.0)
+
+
+def test_a_bearer_token_over_plain_http_is_refused():
+    app = create_app("http://127.0.0.1:1")          # lifespan not run: refused before any lookup
+    token, _ = session_token.issue("DPAKX", "user/tina", "secret-1", 900)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c:
+            return await c.get("/v1/hosts", headers={"Authorization": f"Bearer {token}"})
+    r = asyncio.run(go())
+    assert r.status_code == 401 and r.json()["error"]["code"] == "insecure_transport", r.text

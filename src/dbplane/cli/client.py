@@ -15,14 +15,25 @@ from ..security.signing import SigningAuth
 from ..security.tls import verify_for
 
 
+class BearerAuth(httpx.Auth):
+    def __init__(self, token: str):
+        self.token = token
+
+    def auth_flow(self, request):
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        yield request
+
+
 class ApiClient:
     """Signs every request with the access key of `credentials` (security/signing.py)."""
 
     def __init__(self, base_url: str, timeout: float = 30.0, credentials: Credentials | None = None,
-                 ca_file: Path | None = None):
+                 ca_file: Path | None = None, session_token: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.credentials = credentials
-        auth = SigningAuth(credentials.key_id, credentials.secret) if credentials else None
+        self.session_token = session_token
+        auth = BearerAuth(session_token) if session_token else \
+            SigningAuth(credentials.key_id, credentials.secret) if credentials else None
         # an https API is verified against the platform CA (DBPLANE_CA_FILE, or the data root's)
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, auth=auth,
                                   verify=verify_for(self.base_url, ca_file))
@@ -34,8 +45,11 @@ class ApiClient:
         root = data_root(data_dir)
         if not url:
             url = Layout(root).read_platform().api_url
-        return cls(url, credentials=credentials.resolve(root, profile),
-                   ca_file=Path(os.environ.get("DBPLANE_CA_FILE") or ca.cert_path(root)))
+        # a session token (dbplane iam get-session-token) wins over every access key
+        token = os.environ.get("DBPLANE_SESSION_TOKEN") or None
+        return cls(url, credentials=None if token else credentials.resolve(root, profile),
+                   ca_file=Path(os.environ.get("DBPLANE_CA_FILE") or ca.cert_path(root)),
+                   session_token=token)
 
     def request(self, method: str, path: str, **kwargs):
         try:

@@ -222,6 +222,26 @@ def whoami(output: Output = OutputOpt):
     """The principal whose access key this CLI signs with."""
     c = client()
     d = c.get("/v1/whoami")
+    if c.session_token:
+        d["access_key_id"], d["credentials"] = None, "session token (DBPLANE_SESSION_TOKEN)"
+        render.sentence(d, output, f"{d['principal']} (session token from DBPLANE_SESSION_TOKEN)")
+        return
     d["access_key_id"] = c.credentials.key_id if c.credentials else None
     d["credentials"] = c.credentials.source if c.credentials else None
     render.sentence(d, output, f"{d['principal']} (access key {d['access_key_id']} from {d['credentials']})")
+
+
+@iam_app.command("get-session-token")
+def get_session_token(duration_seconds: int = typer.Option(
+        3600, "--duration-seconds", help="900 (15 minutes) to 43200 (12 hours)"),
+        output: Output = OutputOpt):
+    """A bearer token for the https API with this principal's permissions, for scripts and
+    browsers that cannot sign requests. Use it with: export DBPLANE_SESSION_TOKEN=<token>"""
+    d = client().post("/v1/session-token", {"duration_seconds": duration_seconds})
+    if output == "json":
+        render.as_json(d)
+        return
+    # the token alone on stdout (export DBPLANE_SESSION_TOKEN=$(dbplane iam get-session-token)),
+    # unwrapped: a console would fold it at the terminal's width
+    print(d["token"])
+    print(f"session token for {d['principal']}, expires {render.when(d['expires_at'])}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Authentication and authorisation of every API call (an app-wide FastAPI dependency).
 
 1. Authenticate: the request must be signed with an access key (security/signing.py);
-   the date must be within 5 minutes and the nonce unseen (no replays).
+   the date must be within 5 minutes and the nonce unseen (no replays). Or it carries a
+   session token (security/session_token.py) as `Authorization: Bearer`, over TLS only.
 2. Authorise: the route's action and resource (ROUTES below) are evaluated against the
    principal's policies (security/policy.py): explicit deny, then allow, else denied.
 3. Tell the audit log who did what: request.state.principal, .action, .resource.
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import Request
 
 from ..models import Operation
-from ..security import iam, signing
+from ..security import iam, session_token, signing
 from ..security.policy import Request as PolicyRequest
 from ..security.policy import evaluate as policy_evaluate
 from ..store import keys
@@ -25,6 +26,7 @@ from ..store import keys
 PUBLIC = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 FILTERED_LISTS = {"db/*"}      # list calls that show each caller the items it may see
 WHOAMI = "/v1/whoami"          # any valid signature may ask who it is (like sts get-caller-identity)
+SESSION_TOKEN = "/v1/session-token"  # any valid signature may ask for a token (like sts get-session-token)
 
 Resource = str | Callable[[Request], Awaitable[str]]
 
@@ -152,10 +154,35 @@ def _auth_error(message: str, code: str) -> iam.Unauthenticated:
                                code=code)
 
 
+def _token_error(message: str, code: str) -> iam.Unauthenticated:
+    return iam.Unauthenticated(message, "get a new one with 'dbplane iam get-session-token' over the "
+                               "https API, or sign requests with an access key", code=code)
+
+
+async def _bearer(request: Request, token: str) -> iam.Identity:
+    if request.url.scheme != "https":
+        raise _token_error("a bearer token is accepted over TLS only (this request came over http)",
+                           "insecure_transport")
+    try:
+        claims = session_token.claims_of(token)
+        identity = await request.app.state.authority.identity(claims.key_id)
+        request.state.principal = identity.principal
+        session_token.verify(token, identity.secret)
+    except session_token.TokenError as e:
+        raise _token_error(str(e), e.code) from None
+    if claims.principal != identity.principal:       # the key moved: never true for a valid MAC
+        raise _token_error("the bearer token names another principal than its key", "invalid_token")
+    request.state.session_token = True
+    return identity
+
+
 async def authenticate(request: Request) -> iam.Identity:
     header = request.headers.get("authorization")
     if not header:
         raise _auth_error("the request is not signed (no Authorization header)", "unauthenticated")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return await _bearer(request, token.strip())
     try:
         key_id, sig = signing.parse_authorization(header)
         signing.check_date(request.headers.get(signing.DATE_HEADER, ""))
@@ -183,6 +210,13 @@ async def authorize(request: Request) -> None:
     if getattr(route, "path", None) == WHOAMI:
         request.state.action, request.state.resource = "iam:GetCallerIdentity", "self"
         await authenticate(request)
+        return
+    if getattr(route, "path", None) == SESSION_TOKEN:
+        request.state.action, request.state.resource = "iam:GetSessionToken", "self"
+        request.state.identity = await authenticate(request)
+        if getattr(request.state, "session_token", False):
+            raise iam.AccessDenied("a session token cannot ask for another session token",
+                                   "sign the request with an access key", code="access_denied")
         return
     action, template = action_of(request)
     resource = await resource_of(request, template)

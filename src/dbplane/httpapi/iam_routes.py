@@ -1,7 +1,8 @@
 """Identity and access routes: users, roles, managed policies, access keys, a policy
-simulator and whoami. Responses never carry a secret, except the one answer to
-"create an access key", which is the only time its secret exists outside etcd's sealed
-copy (the CLI writes it into a 0600 profile file and does not print it)."""
+simulator, whoami and session tokens. Responses never carry a secret, except the one answer
+to "create an access key", which is the only time its secret exists outside etcd's sealed
+copy (the CLI writes it into a 0600 profile file and does not print it), and the session
+token its caller asked for."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from ..errors import Conflict, InvalidInput, NotFound
-from ..security import iam
+from ..security import iam, session_token
 from ..security import policy as policies
 from ..store import Store, keys
 
@@ -40,6 +41,11 @@ class Attach(BaseModel):
 class KeyStatus(BaseModel):
     status: Literal["Active", "Inactive"]
     model_config = {"extra": "forbid"}
+
+
+class SessionTokenRequest(BaseModel):
+    duration_seconds: int = Field(session_token.DEFAULT_SECONDS, ge=session_token.MIN_SECONDS,
+                                  le=session_token.MAX_SECONDS)
 
 
 class Simulate(BaseModel):
@@ -84,6 +90,15 @@ async def _attachments(s: Store, policy_name: str) -> list[str]:
 @router.get("/v1/whoami")
 async def whoami(request: Request):
     return {"principal": request.state.principal}
+
+
+@router.post("/v1/session-token", status_code=201)
+async def get_session_token(request: Request, body: SessionTokenRequest | None = None):
+    identity: iam.Identity = request.state.identity
+    duration = (body or SessionTokenRequest()).duration_seconds
+    token, expires = session_token.issue(identity.key_id, identity.principal, identity.secret, duration)
+    return {"token": token, "principal": identity.principal, "access_key_id": identity.key_id,
+            "expires_at": expires}
 
 
 # /v1/iam/policies before /v1/iam/{kind}s, which would match it too (kind="policie")
