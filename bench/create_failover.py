@@ -55,7 +55,7 @@ import psycopg
 from dbplane.paths import Layout
 from dbplane.process import running_pid
 from dbplane.security import ca
-from dbplane.security.tls import client_context
+from dbplane.security.tls import client_context, etcd_client_tls
 from dbplane.system import etcd_binary, postgres_bin_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -104,9 +104,16 @@ class Bench:
         r.raise_for_status()
         return r.json()
 
+    @property
+    def etcd_verify(self):
+        """etcd admits only clients with the data root's certificate (https)."""
+        etcd_tls = etcd_client_tls(self.layout.root)
+        return etcd_tls.ssl_context() if etcd_tls and self.info.etcd_url.startswith("https") else True
+
     def etcd_get(self, key: str) -> dict | None:
         b64 = base64.b64encode(key.encode()).decode()
-        r = httpx.post(f"{self.info.etcd_url}/v3/kv/range", json={"key": b64}, timeout=5)
+        r = httpx.post(f"{self.info.etcd_url}/v3/kv/range", json={"key": b64}, timeout=5,
+                       verify=self.etcd_verify)
         r.raise_for_status()
         kvs = r.json().get("kvs") or []
         return kvs[0] if kvs else None
@@ -117,7 +124,7 @@ class Bench:
         if not kv or "lease" not in kv:
             return None
         r = httpx.post(f"{self.info.etcd_url}/v3/lease/timetolive",
-                       json={"ID": int(kv["lease"])}, timeout=5)
+                       json={"ID": int(kv["lease"])}, timeout=5, verify=self.etcd_verify)
         r.raise_for_status()
         return int(r.json().get("grantedTTL", 0)) or None
 

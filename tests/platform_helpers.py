@@ -20,7 +20,9 @@ import psycopg
 from dbplane.paths import Layout
 from dbplane.security import ca, credentials
 from dbplane.security.signing import SigningAuth
-from dbplane.security.tls import verify_for
+from dbplane.security.tls import etcd_client_tls, verify_for
+from dbplane.store import Store
+from dbplane.store.gateway import Gateway
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
@@ -91,6 +93,15 @@ class Platform:
     @property
     def info(self):
         return self.layout.read_platform()
+
+    @property
+    def etcd(self) -> Gateway:
+        """etcd's JSON gateway with the data root's client certificate (etcd admits no other)."""
+        return Gateway(self.info.etcd_url, tls=etcd_client_tls(self.root))
+
+    def store(self) -> Store:
+        """An asyncio etcd client with the client certificate: `async with p.store() as s:`."""
+        return Store(self.info.etcd_url, tls=etcd_client_tls(self.root))
 
     @property
     def verify(self):

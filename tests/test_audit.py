@@ -43,7 +43,7 @@ def admin(platform) -> str | None:
 def run(platform, fn):
     """fn(store) in an event loop, against the platform's etcd."""
     async def main():
-        async with Store(platform.info.etcd_url) as store:
+        async with platform.store() as store:
             return await fn(store)
     return asyncio.run(main())
 
@@ -113,11 +113,13 @@ def test_record_from_outside_the_api(platform):
 
 WRITER = """
 import asyncio, sys
+from pathlib import Path
 from dbplane.security import audit
+from dbplane.security.tls import etcd_client_tls
 from dbplane.store import Store
 
-async def main(url, name, n):
-    async with Store(url) as store:
+async def main(url, root, name, n):
+    async with Store(url, tls=etcd_client_tls(Path(root))) as store:
         for i in range(n):
             await audit.record(store, principal=name, action="test:Append", resource=f"n/{i}",
                                source="127.0.0.1", result="allowed")
@@ -125,12 +127,12 @@ async def main(url, name, n):
                 await asyncio.sleep(0.01)
         await audit.flush(store)
 
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
 """
 
 
 def test_appends_from_several_processes_serialise(platform):
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, platform.info.etcd_url,
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, platform.info.etcd_url, str(platform.root),
                                f"writer/{i}", "150"]) for i in range(3)]
     for _ in range(5):                       # and the API appends at the same time
         platform.cli("hosts")
@@ -188,7 +190,7 @@ def entry_of(gw: Gateway, seq: int) -> bytes:
 
 
 def test_an_edited_entry_is_named(own):
-    gw = Gateway(own.info.etcd_url)
+    gw = own.etcd
     _, first, last = assert_intact(own)
     seq = first + 1
     original = entry_of(gw, seq)
@@ -206,7 +208,7 @@ def test_an_edited_entry_is_named(own):
 
 
 def test_a_deleted_entry_is_named_as_a_gap(own):
-    gw = Gateway(own.info.etcd_url)
+    gw = own.etcd
     _, first, _ = assert_intact(own)
     seq = first + 2
     original = entry_of(gw, seq)
@@ -228,7 +230,7 @@ def test_trimming_keeps_a_signed_anchor_and_verify_passing(own):
     n, first, last = assert_intact(own)
     assert first > first_before and n <= 100 + 5
     assert f"{first - 1} older entries trimmed by retention" in verify(own).stdout
-    gw = Gateway(own.info.etcd_url)
+    gw = own.etcd
     assert gw.get(keys.audit_entry(first - 1)) is None and gw.get(keys.audit_entry(first)) is not None
 
     # by age: everything older than a day, seen from two days ahead, except the newest
@@ -242,7 +244,7 @@ def test_trimming_keeps_a_signed_anchor_and_verify_passing(own):
 
 def test_a_consistent_rewrite_without_the_key_fails_the_signatures(own):
     """Last in this module: it leaves the own platform's log tampered."""
-    gw = Gateway(own.info.etcd_url)
+    gw = own.etcd
     run(own, lambda store: fill(store, 120))     # at least one checkpoint by count
     _, first, last = assert_intact(own)
     head = wait_for(lambda: (h := AuditHead.model_validate_json(gw.get(keys.audit_head()))).seq > last

@@ -21,7 +21,6 @@ from dbplane.models import MemberSpec
 from dbplane.paths import write_private
 from dbplane.security import ca, tls
 from dbplane.store import keys
-from dbplane.store.gateway import Gateway
 from platform_helpers import Platform, new_data_root, one_line_error, wait_for
 from test_proxy import recv_all
 
@@ -193,7 +192,7 @@ def test_require_tls_can_be_turned_off_and_bad_values_are_refused(db):
 # -- Patroni's REST API ----------------------------------------------------------------------------
 
 def _members(p: Platform, name: str) -> list[MemberSpec]:
-    raw = Gateway(p.info.etcd_url).get_prefix(keys.members(name)).values()
+    raw = p.etcd.get_prefix(keys.members(name)).values()
     return [MemberSpec.model_validate_json(v) for v in raw]
 
 

@@ -16,6 +16,7 @@ from ..backup.restore import recovery_settings
 from ..models import ARCHIVE_SLOT, DatabaseSecrets, DatabaseSpec, MemberSpec
 from ..parameters import postgres_parameters
 from ..store.keys import PATRONI_NAMESPACE
+from ..store.tls import EtcdTLS, is_https
 
 # Failure detection: the leader key lives `ttl` seconds; Patroni's minimum is 20 and it
 # needs loop_wait + 2 * retry_timeout <= ttl. Patroni's defaults are 30/10/10.
@@ -28,6 +29,17 @@ def etcd_hosts(etcd_urls: list[str]) -> list[str]:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         hosts.append(f"{parts.hostname}:{parts.port or 2379}")
     return hosts
+
+
+def etcd_section(etcd_urls: list[str], etcd_tls: EtcdTLS | None) -> dict:
+    """Patroni's DCS client: an https etcd verified against the CA, with the platform's
+    client certificate (its key readable by the service account Patroni runs as)."""
+    section: dict = {"hosts": etcd_hosts(etcd_urls)}
+    if is_https(etcd_urls[0]):
+        section["protocol"] = "https"
+        if etcd_tls is not None:
+            section.update({"cacert": etcd_tls.ca, "cert": etcd_tls.cert, "key": etcd_tls.key})
+    return section
 
 
 def host_cidr(address: str) -> str:
@@ -63,9 +75,11 @@ class MemberTls:
 
 def render(member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,
            etcd_urls: list[str], bin_dir: str, member_dir: str,
-           node_addresses: Iterable[str] = (), tls: MemberTls | None = None) -> str:
+           node_addresses: Iterable[str] = (), tls: MemberTls | None = None,
+           etcd_tls: EtcdTLS | None = None) -> str:
     """node_addresses: the platform's hosts (the member's own address is always in);
-    tls: the member's certificate (None renders Patroni and PostgreSQL without TLS)."""
+    tls: the member's certificate (None renders Patroni and PostgreSQL without TLS);
+    etcd_tls: the client certificate for an https etcd."""
     listen_pg = f"{member.address}:{member.pg_port}"
     listen_api = f"{member.address}:{member.api_port}"
     is_replica = member.kind == "replica"
@@ -77,7 +91,7 @@ def render(member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,
         "name": member.name,
         "namespace": PATRONI_NAMESPACE,
         "restapi": {"listen": listen_api, "connect_address": listen_api},
-        "etcd3": {"hosts": etcd_hosts(etcd_urls)},
+        "etcd3": etcd_section(etcd_urls, etcd_tls),
         "bootstrap": {
             "dcs": {
                 **DCS_TIMING,
@@ -121,7 +135,7 @@ def render(member: MemberSpec, spec: DatabaseSpec, secrets: DatabaseSecrets,
     if tls is not None:
         add_tls(config, tls)
     if spec.restore is not None:
-        config["bootstrap"].update(restore_bootstrap(spec, etcd_urls, bin_dir, member_dir))
+        config["bootstrap"].update(restore_bootstrap(spec, etcd_urls, bin_dir, member_dir, etcd_tls))
     return yaml.safe_dump(config, sort_keys=False)
 
 
@@ -139,10 +153,12 @@ def add_tls(config: dict, tls: MemberTls) -> None:
         user.update({"sslmode": "verify-full", "sslrootcert": tls.ca})
 
 
-def restore_bootstrap(spec: DatabaseSpec, etcd_urls: list[str], bin_dir: str, member_dir: str) -> dict:
+def restore_bootstrap(spec: DatabaseSpec, etcd_urls: list[str], bin_dir: str, member_dir: str,
+                      etcd_tls: EtcdTLS | None = None) -> dict:
     """A restored database's first member fills its data directory from backups
     (backup/restore.py), then PostgreSQL replays WAL to the target and is promoted."""
     command = shlex.join([sys.executable, "-m", "dbplane.backup.restore", "--etcd", etcd_urls[0],
+                          *(etcd_tls.argv() if etcd_tls else []),
                           "--database", spec.name, "--member-dir", member_dir, "--bin-dir", bin_dir])
     return {"method": "dbplane_restore",
             "dbplane_restore": {"command": command, "keep_existing_recovery_conf": False,

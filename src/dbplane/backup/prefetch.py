@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from ..models import KmsKey, RepositorySpec
 from ..security.kms import Kms, load_root_key
 from ..store import Store, keys
+from ..store.tls import EtcdTLS
 from .objects import decode
 from .repository import ObjectMissing, Repository, open_repository
 from .wal import SEGMENT_RE, parse_segment_name, segment_name
@@ -57,6 +58,7 @@ exit 255
 
 class Plan(BaseModel):
     etcd: str
+    etcd_tls: EtcdTLS | None = None       # the client certificate for an https etcd
     database: str
     repository: RepositorySpec
     kms_root_file: str
@@ -174,7 +176,7 @@ class Prefetcher:
     def report(self, message: str) -> None:
         """Tell the controller why the restore fails (it rolls the database back)."""
         async def put() -> None:
-            async with Store(self.plan.etcd) as store:
+            async with Store(self.plan.etcd, tls=self.plan.etcd_tls) as store:
                 await store.put(keys.restore_failed(self.plan.database),
                                 f"restore of {self.plan.database} failed: {message}")
         try:
@@ -209,8 +211,8 @@ class Prefetcher:
             leftover.unlink(missing_ok=True)
 
 
-async def load_keys(etcd: str) -> list[KmsKey]:
-    async with Store(etcd) as store:
+async def load_keys(etcd: str, etcd_tls: EtcdTLS | None = None) -> list[KmsKey]:
+    async with Store(etcd, tls=etcd_tls) as store:
         return await store.list(keys.kms_keys(), KmsKey)
 
 
@@ -218,7 +220,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s prefetch %(levelname)s %(message)s")
     plan = Plan.model_validate_json(Path(sys.argv[1]).read_text())
-    kms = Kms(load_root_key(plan.kms_root_file), asyncio.run(load_keys(plan.etcd)))
+    kms = Kms(load_root_key(plan.kms_root_file), asyncio.run(load_keys(plan.etcd, plan.etcd_tls)))
     Prefetcher(plan, open_repository(plan.repository), kms).run()
 
 

@@ -8,7 +8,8 @@ prefetcher; Patroni then starts PostgreSQL in recovery with the target from the 
 promotes it at the end. If anything fails it says why in etcd (`restore-failed/<db>`),
 where the controller turns it into the restore operation's error and rolls back.
 
-  python -m dbplane.backup.restore --etcd URL --database NAME --member-dir DIR
+  python -m dbplane.backup.restore --etcd URL [--etcd-cacert F --etcd-cert F --etcd-key F]
+      --database NAME --member-dir DIR
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..errors import DbplaneError
 from ..models import DatabaseSpec, KmsKey, PlatformConfig, RepositorySpec, RestoreSource
 from ..security.kms import Kms, load_root_key
 from ..store import Store, keys
+from ..store.tls import EtcdTLS
 from .archiver import wal_prefix
 from .basebackup import backup_prefix
 from .objects import decode
@@ -111,8 +113,8 @@ def wal_sources(source: RestoreSource) -> list[str]:
     return [tip] if source.target == "immediate" else [wal_prefix(source.archive_id), tip]
 
 
-async def load(etcd: str, database: str):
-    async with Store(etcd) as store:
+async def load(etcd: str, database: str, etcd_tls: EtcdTLS | None = None):
+    async with Store(etcd, tls=etcd_tls) as store:
         spec = await store.get(keys.database_spec(database), DatabaseSpec)
         if spec is None or spec.restore is None:
             raise RestoreFailed(f"database {database} has nothing to restore from", "")
@@ -124,14 +126,15 @@ async def load(etcd: str, database: str):
     return spec, config, repo_spec, kms_keys
 
 
-async def report_failure(etcd: str, database: str, message: str) -> None:
-    async with Store(etcd) as store:
+async def report_failure(etcd: str, database: str, message: str, etcd_tls: EtcdTLS | None = None) -> None:
+    async with Store(etcd, tls=etcd_tls) as store:
         await store.put(keys.restore_failed(database), message)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m dbplane.backup.restore")
     parser.add_argument("--etcd", required=True)
+    EtcdTLS.add_arguments(parser)
     parser.add_argument("--database", required=True)
     parser.add_argument("--member-dir", required=True)
     parser.add_argument("--bin-dir", required=True)
@@ -139,15 +142,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s restore-{args.database} %(levelname)s %(message)s")
     member_dir = Path(args.member_dir)
+    etcd_tls = EtcdTLS.from_args(args)
     try:
-        spec, config, repo_spec, kms_keys = asyncio.run(load(args.etcd, args.database))
+        spec, config, repo_spec, kms_keys = asyncio.run(load(args.etcd, args.database, etcd_tls))
         repo = open_repository(repo_spec)
         kms = Kms(load_root_key(config.kms_root_file), kms_keys)
         log.info("restoring %s from %s (backups %s)", args.database, spec.restore.source_database,
                  ", ".join(spec.restore.chain))
         restore_data(repo, kms, spec.restore, member_dir / "data", member_dir / "restore-work",
                      args.bin_dir)
-        start_prefetcher(member_dir, Plan(etcd=args.etcd, database=args.database,
+        start_prefetcher(member_dir, Plan(etcd=args.etcd, etcd_tls=etcd_tls, database=args.database,
                                           repository=repo_spec, kms_root_file=config.kms_root_file,
                                           sources=wal_sources(spec.restore),
                                           spool=str(member_dir / "restore-spool")))
@@ -155,7 +159,7 @@ def main() -> None:
         message = f"restore of {args.database} failed: {e}"
         log.error("%s", message)
         try:
-            asyncio.run(report_failure(args.etcd, args.database, message))
+            asyncio.run(report_failure(args.etcd, args.database, message, etcd_tls))
         except Exception:
             log.exception("could not report the failure")
         sys.exit(1)

@@ -13,7 +13,7 @@ import typer
 from ..errors import PlatformNotRunning
 from ..paths import Layout, write_private
 from ..security import ca, tls
-from ..system import postgres_bin_dir
+from ..system import ensure_service_account, postgres_bin_dir
 from . import render
 from .common import Output, OutputOpt, root
 
@@ -58,6 +58,31 @@ def _leaf_row(what: str, path: Path, authority, now: datetime.datetime) -> dict:
     return {"certificate": what, "path": str(path), "names": ca.names_of(cert),
             "not_after": _day(cert.not_valid_after_utc), "renews_after": _day(ca.renew_at(cert)),
             "days_left": max(0, left.days), "state": state}
+
+
+@ca_app.command("etcd-certs")
+def ca_etcd_certs(server_name: list[str] = typer.Option(
+        [], "--server-name", help="also issue etcd's server certificate for this address or host "
+        "name (repeatable): for an etcd you run yourself")):
+    """Issue the etcd client certificate of this data root (and with --server-name etcd's own),
+    for components started one by one: copy them to the other hosts' data roots."""
+    data_root = root()
+    if ca.ensure_ca(data_root):            # the first step of a platform started by hand
+        render.err_console.print(f"created the platform CA in {ca.ca_dir(data_root)}")
+    run_as = ensure_service_account()
+    owner = (run_as.uid, run_as.gid) if run_as else None
+    for what in tls.ensure_etcd_certificates(data_root, owner, server_name or None):
+        render.err_console.print(f"issued the {what}")
+    client, client_key = tls.etcd_client_certificate(data_root)
+    say = render.console.print
+    say(f"client certificate  {client}, {client_key} (0600, the service account)", highlight=False)
+    say(f"CA                  {ca.cert_path(data_root)}", highlight=False)
+    if server_name:
+        cert, key = tls.etcd_server_certificate(data_root)
+        say(f"run etcd with       --cert-file {cert} --key-file {key} --client-cert-auth "
+            f"--trusted-ca-file {ca.cert_path(data_root)} and https:// client URLs", highlight=False)
+    say("on another host, copy the CA certificate and the client certificate and key to the same "
+        "paths under its data root (the key owned by the service account, 0600)", highlight=False)
 
 
 @ca_app.command("describe")

@@ -546,7 +546,7 @@ def _logging(component: str) -> None:
 
 
 @app.command(hidden=False)
-def controller(etcd: str = typer.Option(..., help="etcd URL, e.g. http://127.0.0.1:2379")):
+def controller(etcd: str = typer.Option(..., help="etcd URL, e.g. https://127.0.0.1:2379")):
     """Run the controller (reconcilers) in the foreground."""
     from ..controlplane.controller import Controller
     _logging("controller")

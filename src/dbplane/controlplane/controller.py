@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import CapacityError, DbplaneError, MemberFailed, StoreUnavailable
 from ..models import DatabaseSpec, Operation, PlatformConfig
 from ..security import ca
+from ..security.tls import etcd_client_tls
 from ..store import Store, keys
 from . import kms, operations, patroni_rest, promote, replicas, switchover
 from .actions import Actions
@@ -42,7 +43,7 @@ class Controller:
             loop.add_signal_handler(sig, self._stopping.set)
         while not self._stopping.is_set():
             try:
-                async with Store(self.etcd_url) as store:
+                async with Store(self.etcd_url, tls=etcd_client_tls(self.data_root)) as store:
                     await self._lead(store)
             except StoreUnavailable as e:
                 log.warning("%s; retrying", e)

@@ -1,5 +1,6 @@
 """`dbplane up`: one etcd member, the controller, the API and three agents (zones a, b, c)
 on 127.0.0.1, each a detached process with a pidfile and a log under the data root.
+etcd serves https and accepts only clients with a certificate from the platform CA.
 `dbplane down` stops them in reverse order, keeping all data."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import httpx
 
 from .. import process
 from ..agent.postgres import stop_postgres
-from ..errors import DbplaneError, InvalidInput
+from ..errors import DbplaneError, InvalidInput, StoreUnavailable
 from ..models import DatabaseStatus, MemberSpec, PlatformConfig, RepositorySpec
 from ..paths import Layout, PlatformInfo
 from ..security import ca, credentials, iam, kms, tls
@@ -22,6 +23,7 @@ from ..security.sealed import SECRETS_KEY_ALIAS
 from ..security.signing import SigningAuth
 from ..store import keys
 from ..store.gateway import Gateway
+from ..store.tls import is_https
 from ..system import (
     check_account_can_use,
     ensure_service_account,
@@ -56,7 +58,7 @@ def choose_ports(port_base: int | None) -> PlatformInfo:
     for base in bases:
         if all(_port_free(p) for p in (base, base + 1, base + 2)):
             return PlatformInfo(
-                etcd_url=f"http://{ADDRESS}:{base}", api_url=f"http://{ADDRESS}:{base + 2}",
+                etcd_url=f"https://{ADDRESS}:{base}", api_url=f"http://{ADDRESS}:{base + 2}",
                 etcd_client_port=base, etcd_peer_port=base + 1, api_port=base + 2,
                 member_port_start=base + 10, member_port_end=base + 1000)
         if port_base:
@@ -74,13 +76,19 @@ def _dbplane(root: Path, *args: str) -> list[str]:
 def _argv(component: str, root: Path, info: PlatformInfo) -> list[str]:
     if component == "etcd":
         peer = f"http://{ADDRESS}:{info.etcd_peer_port}"
-        return [etcd_binary(), "--name", "dbplane", "--data-dir", str(root / "etcd"),
+        argv = [etcd_binary(), "--name", "dbplane", "--data-dir", str(root / "etcd"),
                 "--listen-client-urls", info.etcd_url, "--advertise-client-urls", info.etcd_url,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"dbplane={peer}", "--log-level", "warn",
                 "--quota-backend-bytes", str(2 * 1024**3),
                 # old revisions (every audit append, status write, ...) must not fill the quota
                 "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h"]
+        if is_https(info.etcd_url):
+            # etcd re-reads its certificate on every new connection: renewal needs no restart
+            cert, key = tls.etcd_server_certificate(root)
+            argv += ["--cert-file", str(cert), "--key-file", str(key),
+                     "--client-cert-auth", "--trusted-ca-file", str(ca.cert_path(root))]
+        return argv
     if component == "controller":
         return _dbplane(root, "controller", "--etcd", info.etcd_url)
     if component == "api":
@@ -113,11 +121,31 @@ def _wait(check, what: str, log: Path, layout: Layout, timeout: float = START_TI
         try:
             if check():
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, StoreUnavailable):
             pass
         time.sleep(0.2)
     raise DbplaneError(f"{what} did not come up within {timeout:.0f}s",
                        f"see {log}", code="start_timeout")
+
+
+def etcd_gateway(root: Path, url: str, timeout: float = 5.0) -> Gateway:
+    """The JSON gateway of the platform's etcd, with this data root's client certificate."""
+    return Gateway(url, timeout=timeout, tls=tls.etcd_client_tls(root))
+
+
+def _etcd_tls(root: Path, info: PlatformInfo, running: bool, owner, say) -> PlatformInfo:
+    """etcd over https with client certificates: its certificate and the clients' issued
+    or renewed. A platform first started in plaintext switches once nothing of it runs
+    (its components were started with the http URL)."""
+    if not is_https(info.etcd_url):
+        if running:
+            say("etcd is plaintext http on this platform; run 'dbplane down' and 'dbplane up' to "
+                "switch it to TLS with client certificates")
+            return info
+        info = info.model_copy(update={"etcd_url": f"https://{ADDRESS}:{info.etcd_client_port}"})
+    for what in tls.ensure_etcd_certificates(root, owner, [ADDRESS, "localhost"]):
+        say(f"issued the {what}")
+    return info
 
 
 def kms_runtime_file(layout: Layout) -> Path:
@@ -154,13 +182,15 @@ def up(root: Path, port_base: int | None = None, pg_bin_dir: str | None = None,
     check_account_can_use(run_as, [str(root), venv_python(), info.pg_bin_dir + "/postgres"])
     if ca.ensure_ca(root):
         say(f"created the platform CA in {ca.ca_dir(root)} (export it with 'dbplane ca cert')")
+    owner = (run_as.uid, run_as.gid) if run_as else None
+    running = any(process.running_pid(layout.pidfile(c)) for c in components())
+    info = _etcd_tls(root, info, running, owner, say)
     if api_tls or info.api_url.startswith("https://"):      # once https, always https
         info = info.model_copy(update={"api_url": f"https://{ADDRESS}:{info.api_port}"})
         why = tls.ensure_leaf(root, *tls.api_certificate(root), [ADDRESS, "localhost"], None)
         if why:
             say(f"issued the API's TLS certificate ({why})")
-    kms_root = kms.ensure_root_key(root / "kms", kms_runtime_file(layout),
-                                   owner=(run_as.uid, run_as.gid) if run_as else None,
+    kms_root = kms.ensure_root_key(root / "kms", kms_runtime_file(layout), owner=owner,
                                    passphrase_file=kms_passphrase_file)
     layout.write_platform(info)
     # every component uses the engine recorded at the first `up`
@@ -180,14 +210,15 @@ def up(root: Path, port_base: int | None = None, pg_bin_dir: str | None = None,
         process.start(_argv(component, root, info), pidfile, layout.logfile(component), env=env)
         say(f"started {component}")
         if component == "etcd":
-            _wait(lambda: httpx.get(f"{info.etcd_url}/health", timeout=1).json()["health"] == "true",
-                  "etcd", layout.logfile("etcd"), layout)
-            _put_config(info, kms_root)
-            _ensure_local_repository(layout, Gateway(info.etcd_url), run_as)
+            _wait(etcd_gateway(root, info.etcd_url, timeout=1).healthy, "etcd", layout.logfile("etcd"),
+                  layout)
+            etcd = etcd_gateway(root, info.etcd_url)
+            _put_config(etcd, info, kms_root)
+            _ensure_local_repository(layout, etcd, run_as)
     verify = tls.verify_for(info.api_url, ca.cert_path(root))
     _wait(lambda: httpx.get(f"{info.api_url}/healthz", timeout=1, verify=verify).status_code == 200,
           "the API", layout.logfile("api"), layout)
-    _ensure_platform_keys(layout, Gateway(info.etcd_url), kms_root, say)
+    _ensure_platform_keys(layout, etcd_gateway(root, info.etcd_url), kms_root, say)
     admin = credentials.read_profile(credentials.data_root_file(root), credentials.DEFAULT_PROFILE)
     api = httpx.Client(base_url=info.api_url, timeout=1, auth=SigningAuth(admin.key_id, admin.secret),
                        verify=verify)
@@ -199,14 +230,19 @@ def up(root: Path, port_base: int | None = None, pg_bin_dir: str | None = None,
 def bootstrap(root: Path, etcd_url: str, say=print, kms_passphrase_file: Path | None = None) -> Path:
     """For components started one by one (`dbplane bootstrap --etcd URL`): the KMS root
     key under this data root, the platform config naming it (if etcd has none), the
-    platform's KMS keys and user admin with its credentials in <root>/credentials."""
+    platform's KMS keys and user admin with its credentials in <root>/credentials.
+    An https etcd is reached with the data root's client certificate, issued here when
+    this machine holds the CA key (`dbplane ca etcd-certs` issues etcd's own)."""
     layout = Layout(root)
     root.mkdir(parents=True, exist_ok=True)
     run_as = ensure_service_account()
-    kms_root = kms.ensure_root_key(root / "kms", kms_runtime_file(layout),
-                                   owner=(run_as.uid, run_as.gid) if run_as else None,
+    owner = (run_as.uid, run_as.gid) if run_as else None
+    kms_root = kms.ensure_root_key(root / "kms", kms_runtime_file(layout), owner=owner,
                                    passphrase_file=kms_passphrase_file)
-    etcd = Gateway(etcd_url)
+    if is_https(etcd_url) and ca.key_path(root).exists():
+        for what in tls.ensure_etcd_certificates(root, owner):
+            say(f"issued the {what}")
+    etcd = etcd_gateway(root, etcd_url)
     raw = etcd.get(keys.config())
     config = PlatformConfig.model_validate_json(raw) if raw else PlatformConfig()
     if not config.kms_root_file:
@@ -234,10 +270,10 @@ def _ensure_admin(layout: Layout, etcd: Gateway, kms_root: Path, say) -> None:
         say(f"admin credentials: {path} (profile default; user admin, AdministratorAccess)")
 
 
-def _put_config(info: PlatformInfo, kms_root: Path) -> None:
+def _put_config(etcd: Gateway, info: PlatformInfo, kms_root: Path) -> None:
     config = PlatformConfig(member_port_start=info.member_port_start,
                             member_port_end=info.member_port_end, kms_root_file=str(kms_root))
-    Gateway(info.etcd_url).put(keys.config(), config.model_dump_json())
+    etcd.put(keys.config(), config.model_dump_json())
 
 
 def _ensure_local_repository(layout: Layout, etcd: Gateway, run_as) -> None:
@@ -293,7 +329,8 @@ def down(root: Path, say=print) -> list[str]:
     stopped = []
     if process.running_pid(layout.pidfile("etcd")):
         try:
-            paused = pause_clusters(Gateway(layout.read_platform().etcd_url), ca.cert_path(root))
+            paused = pause_clusters(etcd_gateway(root, layout.read_platform().etcd_url),
+                                    ca.cert_path(root))
             if paused:
                 say(f"paused failover for {', '.join(paused)}")
         except DbplaneError as e:

@@ -1,5 +1,5 @@
-"""`python -m dbplane.proxy --etcd URL --id ID --host HOST --address ADDR [--tls-dir DIR]`:
-one proxy process, as the agent starts it."""
+"""`python -m dbplane.proxy --etcd URL [--etcd-cacert F --etcd-cert F --etcd-key F] --id ID
+--host HOST --address ADDR [--tls-dir DIR]`: one proxy process, as the agent starts it."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import asyncio
 import logging
 from pathlib import Path
 
+from ..store.tls import EtcdTLS
 from .proxy import Proxy
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m dbplane.proxy")
     ap.add_argument("--etcd", required=True)
+    EtcdTLS.add_arguments(ap)
     ap.add_argument("--id", required=True)
     ap.add_argument("--host", required=True)
     ap.add_argument("--address", default="127.0.0.1")
@@ -26,7 +28,8 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(Proxy(args.etcd, args.id, args.host, args.address, args.tls_dir).run())
+    asyncio.run(Proxy(args.etcd, args.id, args.host, args.address, args.tls_dir,
+                      etcd_tls=EtcdTLS.from_args(args)).run())
 
 
 if __name__ == "__main__":

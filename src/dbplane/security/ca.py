@@ -5,7 +5,8 @@ One EC P-256 key and a self-signed CA certificate under the data root:
   <root>/ca/ca.crt   the CA certificate (0644): what clients trust (`dbplane ca cert`)
   <root>/ca/ca.key   its private key (0600, never printed, never leaves the host)
 
-Leaf certificates for the proxy, PostgreSQL, Patroni's REST API and the API server are
+Leaf certificates for the proxy, PostgreSQL, Patroni's REST API, the API server and
+etcd's client port (its server and the client certificate every component presents) are
 issued from it with the names clients connect to as SANs, live LEAF_DAYS and are
 re-issued once less than a third of their lifetime is left (security/tls.py). The CA
 itself lives CA_DAYS; rotating it is a manual step (docs/security-tls.md).
@@ -228,7 +229,9 @@ def needs_issue(cert: x509.Certificate | None, ca: x509.Certificate, names: list
 
 def leaf_files(root: Path) -> list[tuple[str, Path]]:
     """(what, path) of every leaf certificate issued under this data root."""
-    out = [("API server", root / "tls" / "api.crt")]
+    out = [("API server", root / "tls" / "api.crt"),
+           ("etcd server", root / "tls" / "etcd-server.crt"),
+           ("etcd client (every component)", root / "tls" / "etcd-client.crt")]
     for cert in sorted(root.glob("hosts/*/tls/proxy.crt")):
         out.append((f"proxy on {cert.parent.parent.name}", cert))
     for cert in sorted(root.glob("hosts/*/members/*/tls/server.crt")):

@@ -4,6 +4,8 @@ can do TLS at all (the embedded one cannot)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -13,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from ..paths import write_private
+from ..store.tls import EtcdTLS, is_https
 from . import ca
 
 log = logging.getLogger("dbplane.tls")
@@ -155,6 +158,76 @@ def verify_for(url: str, ca_file: Path | None) -> ssl.SSLContext | bool:
     if url.startswith("https://") and ca_file is not None and Path(ca_file).exists():
         return client_context(ca_file)
     return True
+
+
+# -- etcd's client port -------------------------------------------------------------------------
+#
+# `dbplane up` runs etcd with https and client-certificate authentication: the server
+# certificate and every client's come from the platform CA. All dbplane components (and
+# Patroni, as the service account) present the one client certificate of the data root.
+
+ETCD_CLIENT_NAME = "dbplane-etcd-client"     # its common name (etcd's user, if auth is ever on)
+
+
+def etcd_server_certificate(root: Path) -> tuple[Path, Path]:
+    """etcd's own certificate and key (0600, the user that runs etcd)."""
+    return root / "tls" / "etcd-server.crt", root / "tls" / "etcd-server.key"
+
+
+def etcd_client_certificate(root: Path) -> tuple[Path, Path]:
+    """The certificate dbplane's processes present to etcd; its key is owned by the
+    service account (Patroni, the proxy and the backup worker run as it), mode 0600."""
+    return root / "tls" / "etcd-client.crt", root / "tls" / "etcd-client.key"
+
+
+def etcd_client_tls(root: Path | None) -> EtcdTLS | None:
+    """The client certificate of this data root, or None when it has none (an etcd that
+    is plain http needs none; an https one then refuses the connection and says so)."""
+    if root is None:
+        return None
+    cert, key = etcd_client_certificate(root)
+    if not cert.exists():
+        return None
+    return EtcdTLS(ca=str(ca.cert_path(root)), cert=str(cert), key=str(key))
+
+
+@contextlib.contextmanager
+def etcd_issuing(root: Path):
+    """One issuer at a time: the agents of one data root renew the same files, and a key
+    from one with a certificate from another would not match."""
+    lock = root / "tls" / ".etcd.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def ensure_etcd_certificates(root: Path, owner: tuple[int, int] | None,
+                             server_names: list[str] | None = None) -> list[str]:
+    """Issue or renew the etcd client certificate, and with `server_names` also etcd's
+    server certificate for those names. etcd reads its certificate on every new
+    connection, and clients read theirs at every (re)connection: nothing restarts.
+    Returns what was issued and why, e.g. ["etcd client certificate (missing)"]."""
+    done = []
+    with etcd_issuing(root):
+        why = ensure_leaf(root, *etcd_client_certificate(root), [ETCD_CLIENT_NAME], owner)
+        if why:
+            done.append(f"etcd client certificate ({why})")
+        if server_names:
+            why = ensure_leaf(root, *etcd_server_certificate(root), server_names, None)
+            if why:
+                done.append(f"etcd server certificate ({why})")
+    return done
+
+
+def renew_etcd_certificates(root: Path, etcd_url: str, owner: tuple[int, int] | None) -> list[str]:
+    """For the agents, on every pass: keep the client certificate of an https etcd fresh,
+    and etcd's own certificate if `dbplane up` runs etcd from this data root."""
+    if not is_https(etcd_url):
+        return []
+    server = etcd_server_certificate(root)[0]
+    names = ca.names_of(cert) if (cert := ca.load_cert(server)) else None
+    return ensure_etcd_certificates(root, owner, names)
 
 
 def psql_with_tls(bin_dir: str) -> str | None:

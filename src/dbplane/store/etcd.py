@@ -1,7 +1,8 @@
 """A narrow asyncio interface to etcd (aetcd underneath).
 
 Values are JSON documents of pydantic models. etcd client errors are translated into
-StoreUnavailable here, so callers above never see gRPC exceptions.
+StoreUnavailable here, so callers above never see gRPC exceptions. An https URL is
+reached over TLS with a client certificate (store/tls.py); an http URL in plaintext.
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ import contextlib
 import functools
 import json
 import logging
+import os
 from collections.abc import Sequence
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
+import grpc
+from aetcd import rpc, watcher
 from pydantic import BaseModel
 
 from ..errors import StoreUnavailable
+from .tls import EtcdTLS, is_https, unreachable_hint
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -31,10 +36,13 @@ def _translate(fn):
         try:
             return await fn(self, *args, **kwargs)
         except aetcd.exceptions.ClientError as e:
-            raise StoreUnavailable(
-                f"etcd at {self.url} is unreachable ({type(e).__name__})",
-                "start the platform with 'dbplane up' or point --etcd at a running etcd",
-            ) from e
+            why = type(e).__name__
+            if isinstance(self._client, _TLSClient) and isinstance(e, aetcd.exceptions.ConnectionFailedError):
+                why += f": {str(e)[:200]}"      # a refused certificate says so here
+                if self._client.renewed():
+                    await self._client.reopen()      # the next call presents the renewed certificate
+            raise StoreUnavailable(f"etcd at {self.url} is unreachable ({why})",
+                                   unreachable_hint(self.url, self.tls)) from e
     return wrapper
 
 
@@ -42,14 +50,86 @@ def _end_of_prefix(prefix: bytes) -> bytes:
     return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
-class Store:
-    """One etcd connection. Use as `async with Store(url) as store:`."""
+class _TLSClient(aetcd.Client):
+    """aetcd 1.0 opens only plaintext channels: the same client over a TLS channel that
+    verifies etcd against `tls.ca` and presents `tls.cert`. The files are read when the
+    channel opens; gRPC keeps them for its reconnections, so after a failure with renewed
+    files the client moves to a new channel (see Store's error translation)."""
 
-    def __init__(self, url: str, timeout: float = 5.0):
+    def __init__(self, tls: EtcdTLS | None, **kwargs):
+        super().__init__(**kwargs)
+        self._tls = tls
+        self._opened_with: tuple = ()
+        self._retired: list = []            # (channel, watcher) left by reopen(), closed by close()
+
+    def _stamp(self) -> tuple:
+        if self._tls is None:
+            return ()
+        try:
+            return tuple((st.st_mtime_ns, st.st_ino) for st in map(os.stat, (self._tls.cert, self._tls.key)))
+        except OSError:
+            return ()
+
+    def renewed(self) -> bool:
+        """The certificate files changed since the channel was opened."""
+        return self._connected.is_set() and self._stamp() != self._opened_with
+
+    async def reopen(self) -> None:
+        """Go on over a new channel opened with the files as they are now. Calls still
+        running on the old one are not cancelled: it is closed with the client."""
+        self._retired.append((self.channel, self._watcher))
+        self._connected.clear()
+        await self.connect()
+
+    async def close(self) -> None:
+        for channel, watches in self._retired:
+            with contextlib.suppress(Exception):
+                await watches.shutdown()
+                await channel.close()
+        self._retired.clear()
+        await super().close()
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        if self._tls is None:              # https without a client certificate: system CAs
+            return grpc.ssl_channel_credentials()
+        try:
+            with open(self._tls.ca, "rb") as ca, open(self._tls.cert, "rb") as cert, \
+                    open(self._tls.key, "rb") as key:
+                return grpc.ssl_channel_credentials(root_certificates=ca.read(), private_key=key.read(),
+                                                    certificate_chain=cert.read())
+        except OSError as e:
+            raise StoreUnavailable(f"cannot read the etcd client certificate: {e}",
+                                   "run 'dbplane up' on this data root, or copy the client certificate "
+                                   "to this host (docs/security-tls.md, 'etcd')") from None
+
+    async def connect(self) -> None:
+        # aetcd.Client.connect without authentication, on a secure channel; nothing here
+        # awaits, so concurrent callers cannot interleave
+        if self._connected.is_set():
+            return
+        self._opened_with = self._stamp()
+        self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", self._credentials(),
+                                               options=list(self._options.items()))
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                        metadata=self.metadata)
+        self._connected.set()
+
+
+class Store:
+    """One etcd connection. Use as `async with Store(url, tls=...) as store:`.
+    tls: the client certificate for an https URL (ignored for http)."""
+
+    def __init__(self, url: str, timeout: float = 5.0, tls: EtcdTLS | None = None):
         self.url = url
         parts = urlsplit(url if "://" in url else f"http://{url}")
-        self._client = aetcd.Client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379,
-                                    timeout=timeout, connect_wait_timeout=int(timeout))
+        where = {"host": parts.hostname or "127.0.0.1", "port": parts.port or 2379,
+                 "timeout": timeout, "connect_wait_timeout": int(timeout)}
+        self.tls = tls if is_https(url) else None
+        self._client = _TLSClient(self.tls, **where) if is_https(url) else aetcd.Client(**where)
 
     async def __aenter__(self) -> Store:
         await self.connect()
