@@ -93,6 +93,7 @@ import psycopg
 
 from dbplane.backup.wal import format_lsn, parse_lsn
 from dbplane.models import ArchiveStatus, BackupRecord, DatabaseSecrets, DatabaseSpec
+from dbplane.security import db_secrets
 from dbplane.store import keys
 from dbplane.store.gateway import Gateway
 from dbplane.system import ensure_service_account, postgres_bin_dir
@@ -209,7 +210,7 @@ class Bench:
 
     @property
     def gw(self) -> Gateway:
-        return Gateway(self.p.info.etcd_url)
+        return self.p.etcd
 
     def records(self, db: str = SRC) -> list[BackupRecord]:
         raw = self.gw.get_prefix(keys.backups(db)).values()
@@ -224,7 +225,7 @@ class Bench:
         return ArchiveStatus.model_validate_json(raw) if raw else None
 
     def secrets(self, db: str = SRC) -> DatabaseSecrets:
-        return DatabaseSecrets.model_validate_json(self.gw.get(keys.secrets(db)))
+        return db_secrets.load_sync(self.gw, keys.secrets(db))
 
     def primary(self, db: str) -> dict:
         return self.p.member(db, "primary")

@@ -14,11 +14,11 @@ from dbplane.backup import wal
 from dbplane.backup.archiver import wal_prefix
 from dbplane.backup.objects import decode
 from dbplane.backup.repository import open_repository
-from dbplane.models import DatabaseSecrets, DatabaseSpec, KmsKey, PlatformConfig, RepositorySpec
+from dbplane.models import DatabaseSpec, KmsKey, PlatformConfig, RepositorySpec
 from dbplane.process import running_pid
+from dbplane.security import db_secrets
 from dbplane.security.kms import Kms, load_root_key
 from dbplane.store import keys
-from dbplane.store.gateway import Gateway
 from platform_helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ class Archive:
     """The test's own view of a database's archive: the repository read directly."""
 
     def __init__(self, platform, db: str):
-        gw = Gateway(platform.info.etcd_url)
+        gw = platform.etcd
         self.spec = DatabaseSpec.model_validate_json(gw.get(keys.database_spec(db)))
         config = PlatformConfig.model_validate_json(gw.get(keys.config()))
         self.repo = open_repository(RepositorySpec.model_validate_json(gw.get(keys.repository("local"))))
@@ -67,8 +67,7 @@ class Archive:
 
 
 def superuser(platform, db: str, role: str = "primary") -> psycopg.Connection:
-    secrets = DatabaseSecrets.model_validate_json(
-        Gateway(platform.info.etcd_url).get(keys.secrets(db)))
+    secrets = db_secrets.load_sync(platform.etcd, keys.secrets(db))
     m = platform.member(db, role)
     return psycopg.connect(host=m["address"], port=m["port"], user="postgres", dbname="postgres",
                            password=secrets.superuser, autocommit=True, connect_timeout=5)
@@ -157,7 +156,7 @@ def test_archive_resumes_without_gap_after_repository_outage(platform, archived)
 
 
 def test_killed_backup_worker_is_replaced_without_gap(platform, archived):
-    holder = Gateway(platform.info.etcd_url).get(keys.archive_lock(DB)).decode()
+    holder = platform.etcd.get(keys.archive_lock(DB)).decode()
     pid = running_pid(platform.layout.host_dir(holder) / "backup.pid")
     assert pid, f"no backup worker runs on {holder}"
     os.kill(pid, signal.SIGKILL)

@@ -18,7 +18,6 @@ import pytest
 from dbplane.backup import wal
 from dbplane.models import BackupRecord, DrillRecord
 from dbplane.store import keys
-from dbplane.store.gateway import Gateway
 from dbplane.system import SERVICE_ACCOUNT
 from platform_helpers import wait_for
 from s3_server import s3_server_fixture, write_credentials
@@ -42,12 +41,12 @@ def restore(platform, name: str, *args: str, **kw):
 
 
 def records(platform, db: str = DB) -> list[BackupRecord]:
-    raw = Gateway(platform.info.etcd_url).get_prefix(keys.backups(db)).values()
+    raw = platform.etcd.get_prefix(keys.backups(db)).values()
     return sorted((BackupRecord.model_validate_json(v) for v in raw), key=lambda b: b.started_at)
 
 
 def put(platform, record: BackupRecord) -> None:
-    Gateway(platform.info.etcd_url).put(keys.backup(record.database, record.id), record.model_dump_json())
+    platform.etcd.put(keys.backup(record.database, record.id), record.model_dump_json())
 
 
 def backup_dir(platform, record: BackupRecord):
@@ -155,7 +154,7 @@ def test_retention_expires_old_backups_and_their_wal(platform, source):
 def test_restore_drill_restores_checks_and_cleans_up(platform, source):
     """A drill restores the newest backup with a fingerprint to a scratch database, runs
     pg_amcheck and compares row counts, records the restore time, then deletes it."""
-    gw = Gateway(platform.info.etcd_url)
+    gw = platform.etcd
     platform.cli("backup", "modify", source, "--drill-every-hours", "0.0003")
     try:
         drill = wait_for(lambda: next((DrillRecord.model_validate_json(v)

@@ -9,9 +9,9 @@ import time
 import psycopg
 import pytest
 
-from dbplane.models import BackupRecord, DatabaseSecrets
+from dbplane.models import BackupRecord
+from dbplane.security import db_secrets
 from dbplane.store import keys
-from dbplane.store.gateway import Gateway
 from platform_helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -49,8 +49,17 @@ def insert(platform, db: str, notes: list[str]) -> None:
 
 
 def backups(platform, db: str, state: str = "available") -> list[BackupRecord]:
-    raw = Gateway(platform.info.etcd_url).get_prefix(keys.backups(db)).values()
+    raw = platform.etcd.get_prefix(keys.backups(db)).values()
     return [b for b in (BackupRecord.model_validate_json(v) for v in raw) if b.state == state]
+
+
+def assert_sealed(platform, db: str, same_as: str) -> None:
+    """A restored database's passwords are its source's, sealed for its own key in etcd."""
+    gw = platform.etcd
+    raw = gw.get(keys.secrets(db))
+    assert not db_secrets.is_plaintext(raw)
+    assert db_secrets.load_sync(gw, keys.secrets(db)).superuser == \
+        db_secrets.load_sync(gw, keys.secrets(same_as)).superuser
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +105,7 @@ def test_snapshot_restore_to_multi_az(platform, source):
         ["127.0.0.1/32", "10.20.0.0/16"]
     restored = rows(platform, "rs-from-snap")
     assert restored[-1] == "before-snapshot" and "after-snapshot" not in restored
+    assert_sealed(platform, "rs-from-snap", same_as=source)
     # the standby is cloned from the restored primary and follows it synchronously
     wait_for(lambda: platform.member("rs-from-snap", "sync_standby")["state"] == "streaming", 120,
              "the restored database's synchronous standby")
@@ -114,6 +124,7 @@ def test_delete_with_final_snapshot_keeps_a_restorable_snapshot(platform, source
     restore(platform, "rs-after-delete", "--from-snapshot", "rs-final", "--class", "micro",
                  "--wait", timeout=600)
     assert rows(platform, "rs-after-delete")[-1] == "before-snapshot"
+    assert_sealed(platform, "rs-after-delete", same_as=source)     # from the backup's secrets.json
 
 
 def test_latest_restore_has_everything_archived(platform, source):
@@ -146,7 +157,7 @@ def test_restore_refuses_to_skip_a_gap_in_the_archive(platform):
     platform.create("rs-gap", "--backups")
     insert(platform, "rs-gap", ["base"])
     wait_for(lambda: backups(platform, "rs-gap"), 120, "the first automated backup")
-    secrets = DatabaseSecrets.model_validate_json(Gateway(platform.info.etcd_url).get(keys.secrets("rs-gap")))
+    secrets = db_secrets.load_sync(platform.etcd, keys.secrets("rs-gap"))
     names = []
     with psycopg.connect(host="127.0.0.1", port=platform.member("rs-gap", "primary")["port"], user="postgres",
                          dbname="postgres", password=secrets.superuser, autocommit=True) as c:

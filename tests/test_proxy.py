@@ -19,10 +19,9 @@ import psycopg
 import pytest
 
 from dbplane import pgwire as wire
-from dbplane.models import DatabaseSecrets
+from dbplane.security import db_secrets
 from dbplane.security.scram import ClientExchange
 from dbplane.store import keys
-from dbplane.store.gateway import Gateway
 from dbplane.system import postgres_bin_dir
 from platform_helpers import wait_for
 
@@ -247,7 +246,7 @@ def test_reader_skips_lagging_replicas(px):
     one of its cycles.) A query on each replica holds a lock on items; the primary's
     ACCESS EXCLUSIVE lock on it then waits in replay (up to max_standby_streaming_delay,
     30 s), and everything after it with it."""
-    secrets = DatabaseSecrets.model_validate_json(Gateway(px.info.etcd_url).get(keys.secrets(DB)))
+    secrets = db_secrets.load_sync(px.etcd, keys.secrets(DB))
     replicas = [m for m in px.describe(DB)["members"] if m["role"] != "primary"]
     holders = [psycopg.connect(host=m["address"], port=m["port"], user="postgres", dbname="postgres",
                                password=secrets.superuser, connect_timeout=5) for m in replicas]

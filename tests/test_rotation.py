@@ -9,15 +9,15 @@ import pytest
 
 from dbplane.controlplane.credentials import due
 from dbplane.models import DatabaseSecrets, DatabaseSpec
+from dbplane.security import db_secrets
 from dbplane.store import keys
-from dbplane.store.gateway import Gateway
 from platform_helpers import one_line_error, wait_for
 
 DB = "rot-db"
 
 
 def _secrets(platform) -> DatabaseSecrets:
-    return DatabaseSecrets.model_validate_json(Gateway(platform.info.etcd_url).get(keys.secrets(DB)))
+    return db_secrets.load_sync(platform.etcd, keys.secrets(DB))
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +93,7 @@ def test_rotation_schedule(platform, db):
 
 def test_due():
     spec = DatabaseSpec(name="db-x", instance_class="micro", created_at=1000.0, credential_rotation_days=30)
-    fresh = DatabaseSecrets(superuser="a", replication="b", rewind="c", admin="d")
-    assert not due(spec, fresh, 1000 + 29 * 86400)
-    assert due(spec, fresh, 1000 + 30 * 86400)
-    rotated = fresh.model_copy(update={"rotated_at": 1000 + 30 * 86400})
-    assert not due(spec, rotated, 1000 + 31 * 86400)
-    assert not due(spec.model_copy(update={"credential_rotation_days": 0}), fresh, 10 ** 10)
+    assert not due(spec, 0.0, 1000 + 29 * 86400)           # never rotated: from creation
+    assert due(spec, 0.0, 1000 + 30 * 86400)
+    assert not due(spec, 1000 + 30 * 86400, 1000 + 31 * 86400)
+    assert not due(spec.model_copy(update={"credential_rotation_days": 0}), 0.0, 10 ** 10)

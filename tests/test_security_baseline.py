@@ -3,25 +3,22 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import stat
 
-import httpx
 import psutil
 import pytest
 
 from dbplane.models import DatabaseSecrets
+from dbplane.security import db_secrets
 from dbplane.store import keys
 
 pytestmark = pytest.mark.integration
 
 
 def read_secrets(platform, db: str) -> DatabaseSecrets:
-    key = base64.b64encode(keys.secrets(db).encode()).decode()
-    r = httpx.post(f"{platform.info.etcd_url}/v3/kv/range", json={"key": key}).json()
-    return DatabaseSecrets.model_validate_json(base64.b64decode(r["kvs"][0]["value"]))
+    return db_secrets.load_sync(platform.etcd, keys.secrets(db))
 
 
 def platform_processes(platform):

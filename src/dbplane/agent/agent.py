@@ -23,12 +23,13 @@ import httpx
 import psutil
 
 from .. import process
-from ..errors import StoreUnavailable
+from ..errors import DbplaneError, StoreUnavailable
 from ..models import DatabaseSecrets, DatabaseSpec, Host, MemberSpec, MemberStatus, PlatformConfig
 from ..paths import write_private
 from ..process import RunAs
-from ..security import ca, tls
+from ..security import ca, db_secrets, tls
 from ..store import Store, keys
+from ..store.tls import EtcdTLS, is_https
 from ..system import check_account_can_use, port_free, postgres_bin_dir, venv_python
 from . import adopt, patroni
 from .postgres import stop_postgres
@@ -96,6 +97,7 @@ class Agent:
         self._service_exits: dict[str, int] = {}      # service -> exits in a row
         self._service_next_start: dict[str, float] = {}
         self.node_addresses: list[str] = [address]     # the platform's hosts, for pg_hba
+        self._etcd_cert_problem = ""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -110,6 +112,26 @@ class Agent:
         if not self.node_tls:
             log.warning("node TLS unavailable: %s", self.node_tls_reason)
         self.ensure_proxy_certificate()
+        self.ensure_etcd_certificates()
+        if self.etcd_tls:          # Patroni, the proxy and the backup worker present it as the account
+            check_account_can_use(self.run_as, [self.etcd_tls.cert, self.etcd_tls.key])
+
+    def ensure_etcd_certificates(self) -> None:
+        """The client certificate every process of this host presents to an https etcd
+        (and etcd's own, when `dbplane up` runs etcd from this data root), renewed before
+        they expire. Without the CA key here they are copied in by hand."""
+        owner = (self.run_as.uid, self.run_as.gid) if self.run_as else None
+        try:
+            for what in tls.renew_etcd_certificates(self.root, self.etcd_url, owner):
+                log.info("issued the %s", what)
+        except ca.CaMissing as e:
+            if str(e) != self._etcd_cert_problem:          # once, not every pass
+                log.warning("cannot renew the etcd certificates: %s", e)
+            self._etcd_cert_problem = str(e)
+
+    @property
+    def etcd_tls(self) -> EtcdTLS | None:
+        return tls.etcd_client_tls(self.root) if is_https(self.etcd_url) else None
 
     def ensure_proxy_certificate(self, proxy_host: str = "") -> None:
         """The proxy's certificate, for the names clients reach it by; re-issued before it
@@ -144,7 +166,7 @@ class Agent:
             loop.add_signal_handler(sig, self.request_stop)
         while not self._stopping.is_set():
             try:
-                async with Store(self.etcd_url) as store:
+                async with Store(self.etcd_url, tls=self.etcd_tls) as store:
                     await self._serve(store)
             except StoreUnavailable as e:
                 log.warning("%s; retrying", e)   # Patroni keeps running meanwhile
@@ -205,6 +227,7 @@ class Agent:
         self.ensure_services()
         config = await store.get(keys.config(), PlatformConfig)
         self.ensure_proxy_certificate(config.proxy_host if config else "")
+        self.ensure_etcd_certificates()
         members = await store.list(keys.members(), MemberSpec)
         mine = [m for m in members if m.host == self.host.name]
         self.node_addresses = await self.platform_addresses(store, members)
@@ -238,7 +261,13 @@ class Agent:
             await self.report(store, member, "stopped", "stopped; data directory kept")
             return
         spec = await store.get(keys.database_spec(member.database), DatabaseSpec)
-        secrets = await store.get(keys.secrets(member.database), DatabaseSecrets)
+        try:
+            secrets = await db_secrets.load(store, keys.secrets(member.database))
+        except DbplaneError as e:     # no KMS root key on this host, the secrets key disabled, ...
+            log.warning("%s: %s", member.name, e)
+            await self.report(store, member, "failed", f"cannot open the database's secrets: {e.message}",
+                              reason="secrets_unreadable")
+            return
         if spec is None or secrets is None:
             await self.report(store, member, "starting", "waiting for the database's spec and secrets")
             return
@@ -294,7 +323,8 @@ class Agent:
         if reissued:
             log.info("%s: issued its TLS certificate (%s)", member.name, reissued)
         text = patroni.render(member, spec, secrets, [self.etcd_url], self.bin_dir, str(mdir),
-                              node_addresses=self.node_addresses, tls=member_tls)
+                              node_addresses=self.node_addresses, tls=member_tls,
+                              etcd_tls=self.etcd_tls)
         path = mdir / "patroni.yml"
         if path.exists() and path.read_text() == text:
             return bool(reissued)      # a SIGHUP makes Patroni and PostgreSQL load it
@@ -368,13 +398,14 @@ class Agent:
     def services(self) -> dict[str, list[str]]:
         """name -> argv of every service process this host runs."""
         out = {}
+        etcd = ["--etcd", self.etcd_url, *(self.etcd_tls.argv() if self.etcd_tls else [])]
         for worker in range(1, self.proxy_workers + 1):
             out[f"proxy-{worker}"] = [
-                self.python, "-m", "dbplane.proxy", "--etcd", self.etcd_url,
+                self.python, "-m", "dbplane.proxy", *etcd,
                 "--id", f"{self.host.name}-{worker}", "--host", self.host.name,
                 "--address", self.host.address, "--tls-dir", str(self.tls_dir)]
         if self.backup_worker:
-            out["backup"] = [self.python, "-m", "dbplane.backup", "--etcd", self.etcd_url,
+            out["backup"] = [self.python, "-m", "dbplane.backup", *etcd,
                              "--host", self.host.name, "--bin-dir", self.bin_dir]
         return out
 

@@ -19,13 +19,13 @@ import psycopg
 from ..errors import DbplaneError
 from ..models import (
     BackupRecord,
-    DatabaseSecrets,
     DatabaseSpec,
     DrillRecord,
     Event,
     MemberSpec,
     RepositorySpec,
 )
+from ..security import db_secrets
 from ..security.kms import Kms
 from ..store import Store, keys
 from . import copies, fingerprint
@@ -161,7 +161,7 @@ class Housekeeper:
         count of every table of the backup's fingerprint."""
         record = await store.get(keys.backup(d.database, d.backup_id), BackupRecord)
         leader = await store.get_raw(f"{keys.patroni_scope(d.scratch)}leader")
-        secrets = await store.get(keys.secrets(d.scratch), DatabaseSecrets)
+        secrets = await db_secrets.load(store, keys.secrets(d.scratch))
         member = await store.get(keys.member(d.scratch, leader.decode()), MemberSpec) if leader else None
         if record is None or member is None or secrets is None:
             return

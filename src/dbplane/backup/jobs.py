@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import psycopg
 
 from ..errors import DbplaneError
-from ..models import ArchiveStatus, BackupRecord, DatabaseSecrets, DatabaseSpec, Event, MemberSpec
+from ..models import ArchiveStatus, BackupRecord, DatabaseSpec, Event, MemberSpec
+from ..security import db_secrets
 from ..security.kms import Kms, current_version
 from ..store import Store, keys
 from . import fingerprint
@@ -82,7 +83,7 @@ class Job:
                         kms_key_id=key.id, kms_key_version=current_version(key))
         stored = result.stored_bytes + await self._io(self.write, prefix + "backup_manifest", result.manifest)
         # a restore of this backup logs in with the same passwords, even once the source is gone
-        secrets = await self.store.get(keys.secrets(r.database), DatabaseSecrets)
+        secrets = await db_secrets.load(self.store, keys.secrets(r.database))
         stored += await self._io(self.write, prefix + "secrets.json", secrets.model_dump_json().encode())
         await self.take_fingerprint(source)
         # the backup keeps the WAL it needs, up to its fingerprint and the record after it (a
@@ -131,7 +132,7 @@ class Job:
         leader = await self.store.get_raw(f"{keys.patroni_scope(r.database)}leader")
         name = leader.decode() if leader else None
         member = await self.store.get(keys.member(r.database, name), MemberSpec) if name else None
-        secrets = await self.store.get(keys.secrets(r.database), DatabaseSecrets)
+        secrets = await db_secrets.load(self.store, keys.secrets(r.database))
         return name, member, secrets
 
     async def checkpoint_first(self, source: Source) -> None:
@@ -159,7 +160,7 @@ class Job:
     async def source(self) -> Source:
         r = self.record
         member = await self.store.get(keys.member(r.database, r.source_member), MemberSpec)
-        secrets = await self.store.get(keys.secrets(r.database), DatabaseSecrets)
+        secrets = await db_secrets.load(self.store, keys.secrets(r.database))
         if member is None or secrets is None:
             raise BackupFailed(f"member {r.source_member} of {r.database} is gone",
                                "the controller assigns another source on the next attempt")

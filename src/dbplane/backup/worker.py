@@ -17,7 +17,6 @@ from ..errors import DbplaneError, StoreUnavailable
 from ..models import (
     ArchiveStatus,
     BackupRecord,
-    DatabaseSecrets,
     DatabaseSpec,
     DrillRecord,
     Event,
@@ -25,9 +24,10 @@ from ..models import (
     PlatformConfig,
     RepositorySpec,
 )
-from ..security import audit
+from ..security import audit, db_secrets
 from ..security.kms import Kms, load_kms
 from ..store import Store, keys
+from ..store.tls import EtcdTLS
 from .archiver import ArchiveGap, Archiver, Target
 from .housekeeping import Housekeeper
 from .jobs import Job
@@ -45,8 +45,9 @@ MAX_JOBS = 3                  # base backups taken at once on one host
 
 
 class BackupWorker:
-    def __init__(self, etcd_url: str, host: str, bin_dir: str):
+    def __init__(self, etcd_url: str, host: str, bin_dir: str, etcd_tls: EtcdTLS | None = None):
         self.etcd_url = etcd_url
+        self.etcd_tls = etcd_tls                    # the client certificate for an https etcd
         self.host = host
         self.bin_dir = bin_dir
         self.jobs: dict[str, asyncio.Task] = {}     # backup id -> the job taking it here
@@ -65,7 +66,7 @@ class BackupWorker:
             loop.add_signal_handler(sig, self._stopping.set)
         while not self._stopping.is_set():
             try:
-                async with Store(self.etcd_url) as store:
+                async with Store(self.etcd_url, tls=self.etcd_tls) as store:
                     await self._serve(store)
             except StoreUnavailable as e:
                 log.warning("%s; retrying", e)
@@ -246,7 +247,7 @@ class BackupWorker:
 
     async def target(self, store: Store, db: str) -> Target | None:
         leader = await store.get_raw(f"{keys.patroni_scope(db)}leader")
-        secrets = await store.get(keys.secrets(db), DatabaseSecrets)
+        secrets = await db_secrets.load(store, keys.secrets(db))
         if leader is None or secrets is None:
             return None
         member = await store.get(keys.member(db, leader.decode()), MemberSpec)

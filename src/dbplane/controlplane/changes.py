@@ -20,6 +20,7 @@ import psycopg
 
 from ..models import DatabaseSecrets, DatabaseSpec, DatabaseStatus
 from ..parameters import REPLICA_AT_LEAST, at_least, catalog, postgres_parameters, same_value
+from ..security import db_secrets
 from ..store import keys
 from . import operations, patroni_rest, proxy
 from .topology import MemberView, member_views
@@ -149,7 +150,7 @@ async def restart_pending(p, spec: DatabaseSpec, status: DatabaseStatus,
     secrets_raw = p.snap.raw.get(keys.secrets(spec.name))
     if secrets_raw is None:
         return []
-    secrets = DatabaseSecrets.model_validate_json(secrets_raw)
+    secrets = await db_secrets.open_raw(p.store, keys.secrets(spec.name), secrets_raw)
     wanted = postgres_parameters(spec)
     running = [v for v in views if v.state in ("running", "streaming")]
     stale, restart = [], []

@@ -2,9 +2,10 @@
 login), replication and rewind passwords and the admin user's password, on request
 (`dbplane db rotate-credentials`) or every `credential_rotation_days`.
 
-Crash-safe in three steps: (1) the new passwords are written to `secrets-next/<db>`;
-(2) the roles get them on the primary, as SCRAM verifiers, over a session opened with
-the old superuser password; (3) they replace `secrets/<db>` and the next copy is deleted.
+Crash-safe in three steps (both records sealed, security/db_secrets.py): (1) the new
+passwords are written to `secrets-next/<db>`; (2) the roles get them on the primary, as
+SCRAM verifiers, over a session opened with the old superuser password; (3) they replace
+`secrets/<db>` and the next copy is deleted.
 Agents then rewrite patroni.yml and reload Patroni (replicas reconnect with the new
 replication password), proxies take the new superuser password for their lookups, and
 the admin user's pgpass file is rewritten. Sessions already open are not disturbed;
@@ -24,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from ..models import DatabaseSecrets, DatabaseSpec, MemberSpec, Operation, now
+from ..security import db_secrets
 from ..security.scram import new_password, verifier
 from ..store import keys
 from . import operations
@@ -44,10 +46,11 @@ async def _connect(primary: MemberSpec, password: str) -> psycopg.AsyncConnectio
         dbname="postgres", connect_timeout=5, autocommit=True, application_name="dbplane-rotation")
 
 
-def due(spec: DatabaseSpec, secrets: DatabaseSecrets, at: float) -> bool:
+def due(spec: DatabaseSpec, rotated_at: float, at: float) -> bool:
+    """Whether a scheduled rotation is due, from the secrets' rotated_at (0: never)."""
     if not spec.credential_rotation_days:
         return False
-    last = secrets.rotated_at or spec.created_at
+    last = rotated_at or spec.created_at
     return at - last >= spec.credential_rotation_days * 86400
 
 
@@ -66,7 +69,7 @@ async def _apply(p, spec: DatabaseSpec, primary: MemberSpec, old: DatabaseSecret
             if role in existing:
                 await conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                     sql.Identifier(role), sql.Literal(verifier(password))))
-    await p.store.put(keys.secrets(spec.name), new)
+    await db_secrets.save(p.store, keys.secrets(spec.name), new)
     write_pgpass(p.data_root / "secrets" / f"{spec.name}.pgpass", spec.admin_user, new.admin)
     await p.store.delete_prefix(keys.iam_db_passwords(spec.name))
     await p.store.delete(keys.secrets_next(spec.name))
@@ -79,10 +82,9 @@ async def ensure_rotation(p, spec: DatabaseSpec, admin_ready: bool) -> None:
     raw = p.snap.raw.get(keys.secrets(spec.name))
     if raw is None:
         return
-    old = DatabaseSecrets.model_validate_json(raw)
     pending_raw = p.snap.raw.get(keys.secrets_next(spec.name))
     ops = [o for o in p.snap.operations() if o.database == spec.name and o.kind == KIND and not o.done]
-    if pending_raw is None and not ops and not due(spec, old, time.time()):
+    if pending_raw is None and not ops and not due(spec, db_secrets.rotated_at(raw), time.time()):
         return
     patroni = p.snap.patroni(spec.name)
     primary = next((m for m in p.snap.members(spec.name) if m.name == patroni.leader), None)
@@ -91,12 +93,13 @@ async def ensure_rotation(p, spec: DatabaseSpec, admin_ready: bool) -> None:
             await operations.update(p.store, op, state="running", progress=10,
                                     message="waiting for a running primary")
         return
+    old = await db_secrets.open_raw(p.store, keys.secrets(spec.name), raw)
     if pending_raw is not None:
-        new = DatabaseSecrets.model_validate_json(pending_raw)
+        new = await db_secrets.open_raw(p.store, keys.secrets_next(spec.name), pending_raw)
     else:
         new = DatabaseSecrets(superuser=new_password(), replication=new_password(),
                               rewind=new_password(), admin=new_password(), rotated_at=now())
-        await p.store.put(keys.secrets_next(spec.name), new)
+        await db_secrets.save(p.store, keys.secrets_next(spec.name), new)
     try:
         await _apply(p, spec, primary, old, new, resumed=pending_raw is not None)
     except (psycopg.Error, OSError) as e:

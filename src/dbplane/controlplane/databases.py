@@ -9,9 +9,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DbplaneError, MemberFailed
+from ..errors import DbplaneError, MemberFailed, StoreUnavailable
 from ..models import DatabaseSecrets, DatabaseSpec, DatabaseStatus, MemberSpec, PlatformConfig, now
+from ..security import db_secrets
 from ..security.scram import new_password
+from ..security.sealed import SECRETS_KEY_ALIAS
 from ..store import Store, keys
 from ..system import port_free
 from . import backups, changes, credentials, drills, operations, promote, proxy, replicas, resume, storage
@@ -98,11 +100,24 @@ def check_creation(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
 
 
 async def ensure_secrets(p: Pass, spec: DatabaseSpec) -> None:
+    """Generate the passwords once, sealed under the KMS secrets key; seal those a platform
+    from before sealing stored in plaintext."""
+    for key in (keys.secrets(spec.name), keys.secrets_next(spec.name)):
+        raw = p.snap.raw.get(key)
+        if raw is None or not db_secrets.is_plaintext(raw):
+            continue
+        try:
+            if await db_secrets.reseal(p.store, key, raw):
+                log.info("%s: sealed the plaintext secrets at %s under %s", spec.name, key, SECRETS_KEY_ALIAS)
+        except StoreUnavailable:
+            raise
+        except DbplaneError as e:      # readers still accept the plaintext; the next pass retries
+            log.warning("%s: cannot seal the plaintext secrets at %s: %s", spec.name, key, e)
     if keys.secrets(spec.name) in p.snap.raw:
         return
     secrets = DatabaseSecrets(superuser=new_password(), replication=new_password(),
                               rewind=new_password(), admin=new_password())
-    await p.store.create(keys.secrets(spec.name), secrets)
+    await db_secrets.create(p.store, keys.secrets(spec.name), secrets)
 
 
 async def ensure_placement(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> None:
@@ -192,7 +207,7 @@ async def ensure_admin(p: Pass, spec: DatabaseSpec, status: DatabaseStatus) -> N
         return
     if patroni.members.get(primary.name, {}).get("state") != "running":
         return
-    secrets = DatabaseSecrets.model_validate_json(secrets_raw)
+    secrets = await db_secrets.open_raw(p.store, keys.secrets(spec.name), secrets_raw)
     try:
         await ensure_admin_user(primary, spec.admin_user, secrets)
     except Exception as e:   # the primary may still be starting; the next pass retries

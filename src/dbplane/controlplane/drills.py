@@ -18,6 +18,7 @@ from ..models import (
     Operation,
     RestoreSource,
 )
+from ..security import db_secrets
 from ..store import keys
 from .operations import record_event
 
@@ -66,10 +67,13 @@ async def ensure_drills(p: Pass, spec: DatabaseSpec) -> None:
     backups = p.snap.backups(spec.name)
     tip = drill_candidate(spec, backups)
     chain = drill_chain(backups, tip) if tip else None
-    secrets = p.snap.raw.get(keys.secrets(spec.name))
+    secrets_raw = p.snap.raw.get(keys.secrets(spec.name))
     scratch = scratch_name(spec.name)
-    if tip is None or chain is None or secrets is None or scratch in p.snap.specs():
+    if tip is None or chain is None or secrets_raw is None or scratch in p.snap.specs():
         return
+    # the scratch database logs in with the source's passwords, sealed for its own key
+    secrets = await db_secrets.open_raw(p.store, keys.secrets(spec.name), secrets_raw)
+    scratch_secrets = await db_secrets.sealed_json(p.store, keys.secrets(scratch), secrets)
     drill = DrillRecord(id=f"drill-{int(time.time())}", database=spec.name, backup_id=tip.id,
                         scratch=scratch)
     scratch_spec = DatabaseSpec(
@@ -81,7 +85,7 @@ async def ensure_drills(p: Pass, spec: DatabaseSpec) -> None:
     op = Operation(kind="restore", database=scratch, params={"drill": drill.id})
     await p.store.create_all({keys.drill(spec.name, drill.id): drill,
                               keys.database_spec(scratch): scratch_spec,
-                              keys.secrets(scratch): secrets.decode(),
+                              keys.secrets(scratch): scratch_secrets,
                               keys.operation(op.id): op})
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from ..errors import DbplaneError
 from ..models import DatabaseSpec, Host, Operation
+from ..security import db_secrets
 from ..store import Store, keys
 from . import operations
 from .replicas import given_away, mark_deleting
@@ -61,8 +62,11 @@ async def ensure_secrets(p, spec: DatabaseSpec) -> None:
     if raw is None:
         raise DbplaneError(f"secrets of {spec.promoted_from.database} are gone; cannot promote",
                            f"delete {spec.name} and create it afresh", code="promote_source_gone")
-    await p.store.create(keys.secrets(spec.name), raw.decode())
-    p.snap.raw[keys.secrets(spec.name)] = raw
+    # sealed again: a record opens only under the key it was sealed for
+    secrets = await db_secrets.open_raw(p.store, keys.secrets(spec.promoted_from.database), raw)
+    text = await db_secrets.sealed_json(p.store, keys.secrets(spec.name), secrets)
+    await p.store.create(keys.secrets(spec.name), text)
+    p.snap.raw[keys.secrets(spec.name)] = text.encode()
 
 
 def adoption_host(p, spec: DatabaseSpec) -> tuple[Host, str] | None:

@@ -8,8 +8,9 @@ from ..controlplane.proxy import endpoints as proxy_endpoints
 from ..controlplane.storage import used_bytes
 from ..controlplane.topology import Snapshot, endpoints, member_views
 from ..errors import NotFound
-from ..models import ArchiveStatus, DatabaseSecrets, DatabaseSpec, PlatformConfig
+from ..models import ArchiveStatus, DatabaseSpec, PlatformConfig
 from ..parameters import require_tls
+from ..security import db_secrets
 from ..security.tls import database_tls
 from ..store import Store, keys
 from ..system import postgres_bin_dir
@@ -74,7 +75,7 @@ def describe(spec: DatabaseSpec, snap: Snapshot) -> dict:
 def credentials_view(spec: DatabaseSpec, snap: Snapshot) -> dict:
     """When the passwords were last rotated and when they will be next (never the passwords)."""
     raw = snap.raw.get(keys.secrets(spec.name))
-    rotated = DatabaseSecrets.model_validate_json(raw).rotated_at if raw else 0.0
+    rotated = db_secrets.rotated_at(raw) if raw else 0.0      # kept in the clear: no KMS needed
     days = spec.credential_rotation_days
     return {"rotation_days": days, "rotated_at": rotated or None,
             "next_rotation_at": (rotated or spec.created_at) + days * 86400 if days else None}

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from .. import pgwire as wire
-from ..errors import StoreUnavailable
+from ..errors import DbplaneError, StoreUnavailable
 from ..models import (
     DatabaseSecrets,
     DatabaseSpec,
@@ -33,9 +33,10 @@ from ..models import (
     ProxyPorts,
 )
 from ..parameters import require_tls
-from ..security import audit
+from ..security import audit, db_secrets
 from ..security.tls import ReloadingServerContext, node_context
 from ..store import Store, keys
+from ..store.tls import EtcdTLS
 from . import server
 from .allowlist import Gate, Gatekeeper
 from .client import ClientConn, new_key, new_pid
@@ -60,8 +61,10 @@ class Listener:
 
 
 class Proxy:
-    def __init__(self, etcd_url: str, proxy_id: str, host: str, address: str, tls_dir: Path | None):
+    def __init__(self, etcd_url: str, proxy_id: str, host: str, address: str, tls_dir: Path | None,
+                 etcd_tls: EtcdTLS | None = None):
         self.etcd_url = etcd_url
+        self.etcd_tls = etcd_tls                  # the client certificate for an https etcd
         self.id = proxy_id
         self.host = host
         self.address = address
@@ -161,7 +164,7 @@ class Proxy:
         try:
             while not self._stopping.is_set():
                 try:
-                    async with Store(self.etcd_url) as store:
+                    async with Store(self.etcd_url, tls=self.etcd_tls) as store:
                         await self._serve(store)
                 except StoreUnavailable as e:
                     log.warning("%s; retrying (clients keep being served)", e)
@@ -217,7 +220,7 @@ class Proxy:
         patroni = await store.get_prefix(keys.PATRONI_NAMESPACE + "/")
         self.peers = [ProxyInstance.model_validate_json(v) for k, v in raw.items()
                       if k.startswith(keys.proxy_instances())]
-        wanted: dict[str, tuple[DatabaseSpec, ProxyPorts, DatabaseSecrets]] = {}
+        wanted: dict[str, tuple[DatabaseSpec, ProxyPorts, DatabaseSecrets | None]] = {}
         for k, v in raw.items():
             if not (k.startswith(keys.databases()) and k.endswith("/spec")):
                 continue
@@ -226,8 +229,14 @@ class Proxy:
             secrets_raw = raw.get(keys.secrets(spec.name))
             if spec.deleting or ports_raw is None or secrets_raw is None:
                 continue
-            wanted[spec.name] = (spec, ProxyPorts.model_validate_json(ports_raw),
-                                 DatabaseSecrets.model_validate_json(secrets_raw))
+            try:
+                secrets = await db_secrets.open_raw(store, keys.secrets(spec.name), secrets_raw)
+            except DbplaneError as e:         # the KMS: keep serving with what we have
+                log.warning("%s: %s", spec.name, e)
+                if spec.name not in self.clusters:
+                    continue
+                secrets = None
+            wanted[spec.name] = (spec, ProxyPorts.model_validate_json(ports_raw), secrets)
         for name in list(self.clusters):
             if name not in wanted:
                 await self._remove(name)
@@ -236,7 +245,7 @@ class Proxy:
             cluster = self.clusters.get(name)
             if cluster is None:
                 cluster = self.clusters[name] = Cluster(name, spec.proxy, secrets.superuser)
-            else:
+            elif secrets is not None:
                 cluster.set_superuser_password(secrets.superuser)     # rotated
             members = [MemberSpec.model_validate_json(v) for k, v in raw.items()
                        if k.startswith(keys.members(name))]

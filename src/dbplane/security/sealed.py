@@ -16,6 +16,11 @@ from .kms import Kms, KmsError
 SECRETS_KEY_ALIAS = "alias/dbplane/secrets"
 
 
+class SealedElsewhere(KmsError):
+    """The data key opened but the value does not: it was sealed for another record
+    (copied) or changed."""
+
+
 class SealedSecret(BaseModel):
     kms_key_id: str
     wrapped_key: str            # base64 of the KMS-wrapped data key
@@ -41,6 +46,6 @@ def unseal(kms: Kms, sealed: SealedSecret, context: str) -> str:
         return AESGCM(key).decrypt(base64.b64decode(sealed.nonce), base64.b64decode(sealed.ciphertext),
                                    context.encode()).decode()
     except InvalidTag:
-        raise KmsError(f"a sealed secret of {context} fails authentication (tampered, or copied "
-                       "from another record)", "recreate the secret (e.g. a new access key)",
-                       code="kms_decrypt_failed") from None
+        raise SealedElsewhere(f"a sealed secret of {context} fails authentication (tampered, or "
+                              "copied from another record)", "recreate the secret (e.g. a new access key)",
+                              code="kms_decrypt_failed") from None

@@ -6,8 +6,9 @@ clusters live under PATRONI_NAMESPACE, one scope per database.
   /dbplane/v1/databases/<db>/status        DatabaseStatus controller
   /dbplane/v1/members/<db>/<member>        MemberSpec    controller (placement)
   /dbplane/v1/member-status/<db>/<member>  MemberStatus  agent
-  /dbplane/v1/secrets/<db>                 DatabaseSecrets controller
-  /dbplane/v1/secrets-next/<db>            DatabaseSecrets controller, during a credential rotation
+  /dbplane/v1/secrets/<db>                 DatabaseSecrets controller (sealed under a KMS key:
+                                           security/db_secrets.py reads and writes them)
+  /dbplane/v1/secrets-next/<db>            DatabaseSecrets controller, during a credential rotation (sealed)
   /dbplane/v1/ports/<address>/<port>       member name   controller (allocation)
   /dbplane/v1/operations/<id>              Operation     API creates, controller drives
   /dbplane/v1/events/<db>/<id>             Event         controller
