@@ -39,7 +39,7 @@ def api_error(resp, status: int, code: str) -> dict:
 
 
 def etcd(platform) -> Gateway:
-    return Gateway(platform.info.etcd_url)
+    return platform.etcd
 
 
 def spec_of(platform, name: str) -> DatabaseSpec:

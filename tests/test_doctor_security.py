@@ -13,18 +13,17 @@ from dbplane.doctor import security
 from dbplane.models import Host, RepositorySpec
 from dbplane.security import ca, iam
 from dbplane.store import keys
-from dbplane.store.gateway import Gateway
 from platform_helpers import one_line_error
 
 DB = "doc-sec"
 
 
 def _etcd_put(platform, key: str, value: str) -> None:
-    Gateway(platform.info.etcd_url).put(key, value)
+    platform.etcd.put(key, value)
 
 
 def _etcd_delete(platform, key: str) -> None:
-    Gateway(platform.info.etcd_url).delete(key)
+    platform.etcd.delete(key)
 
 
 def _findings(platform, *args: str) -> tuple[int, list[dict]]:
@@ -92,7 +91,7 @@ def test_platform_checks_keys_policies_and_access_keys(platform):
     # an access key created 120 days ago
     admin_keys = platform.api.get("/v1/iam/users/admin/access-keys").json()
     record = iam.AccessKey.model_validate_json(
-        Gateway(platform.info.etcd_url).get(keys.iam_access_key(admin_keys[0]["id"])))
+        platform.etcd.get(keys.iam_access_key(admin_keys[0]["id"])))
     old = record.model_copy(update={"id": "DPAKOLDOLDOLDOLDOLD2", "status": "Active",
                                     "created_at": time.time() - 120 * 86400})
     _etcd_put(platform, keys.iam_access_key(old.id), old.model_dump_json())

@@ -16,7 +16,6 @@ import pytest
 from dbplane.security import credentials, dbtoken
 from dbplane.security.signing import SigningAuth, sign
 from dbplane.store import keys
-from dbplane.store.gateway import Gateway
 from platform_helpers import one_line_error, signed_client, wait_for
 
 PREFIX = "iam-"
@@ -178,7 +177,7 @@ def test_access_key_life_cycle_and_secrets(platform, cli_env):
     _error(app.get("/v1/hosts"), 403, "access_denied")                 # no policy: nothing allowed
 
     # the secret is sealed in etcd and absent from every answer
-    dump = b"".join(Gateway(platform.info.etcd_url).get_prefix(keys.ROOT + "iam/").values())
+    dump = b"".join(platform.etcd.get_prefix(keys.ROOT + "iam/").values())
     assert key.secret.encode() not in dump and b"ciphertext" in dump
     listed = platform.api.get("/v1/iam/roles/orders-app").text
     assert key.key_id in listed and key.secret not in listed

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 
 def etcd(platform) -> Gateway:
-    return Gateway(platform.info.etcd_url)
+    return platform.etcd
 
 
 def record(platform, key_id: str) -> KmsKey | None:
@@ -143,6 +143,13 @@ def expire(platform, key_id: str) -> None:
     key = record(platform, key_id).model_copy(update={"state": "pending_deletion",
                                                       "deletion_date": time.time() - 1})
     etcd(platform).put(keys.kms_key(key_id), key.model_dump_json())
+
+
+def test_the_secrets_key_cannot_be_deleted_while_secrets_are_sealed_under_it(platform):
+    # every database password and access key in etcd is sealed under it (security/sealed.py)
+    r = platform.cli("kms", "schedule-key-deletion", "alias/dbplane/secrets", check=False)
+    one_line_error(r, "secrets sealed in etcd", "(kms_key_in_use)")
+    assert platform.cli_json("kms", "describe-key", "alias/dbplane/secrets")["state"] == "enabled"
 
 
 def test_controller_deletes_an_expired_key_unless_still_needed(platform):

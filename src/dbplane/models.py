@@ -434,6 +434,7 @@ class KmsKey(BaseModel):
     created_at: float = Field(default_factory=now)
     rotated_at: float = Field(default_factory=now)
     deletion_date: float | None = None               # when pending_deletion
+    policy: str = ""                 # its key policy as written; "" = the default (security/key_policy.py)
 
 
 DrillState = Literal["restoring", "checking", "passed", "failed"]

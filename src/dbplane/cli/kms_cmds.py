@@ -3,6 +3,7 @@ call to the API; key material is never shown (the API does not return it)."""
 
 from __future__ import annotations
 
+import json
 from urllib.parse import quote
 
 import typer
@@ -10,9 +11,10 @@ from rich.markup import escape
 
 from . import render
 from .common import Output, OutputOpt, client
+from .iam_cmds import _read_document
 
 kms_app = typer.Typer(no_args_is_help=True, help="KMS keys that encrypt backups: create, rotate, "
-                      "disable, schedule deletion.")
+                      "disable, schedule deletion, key policies.")
 
 RefArg = typer.Argument(..., metavar="KEY", help="key id (key-...) or alias (alias/NAME)")
 COLUMNS = [("id", "KEY ID"), ("alias", "ALIAS"), ("state", "STATE"), ("current_version", "VERSION"),
@@ -135,3 +137,32 @@ def cancel_key_deletion(ref: str = RefArg, output: Output = OutputOpt):
     else:
         render.console.print(f"KMS key {k['id']} is no longer pending deletion; it is {k['state']} "
                              f"(enable it with 'dbplane kms enable-key {k['id']}')", highlight=False)
+
+
+@kms_app.command("get-key-policy")
+def get_key_policy(ref: str = RefArg, output: Output = OutputOpt):
+    """Print a key's key policy (a JSON document to edit and put back); a key never given
+    one has the default, which lets IAM policies decide."""
+    p = client().get(_path(ref, "policy"))
+    if output == Output.json:
+        render.as_json(p)
+        return
+    try:
+        typer.echo(json.dumps(json.loads(p["policy"]), indent=2))
+    except ValueError:
+        typer.echo(p["policy"])
+
+
+@kms_app.command("put-key-policy")
+def put_key_policy(ref: str = RefArg,
+                   policy: str = typer.Option(..., "--policy", help="JSON file (file://p.json) or -"),
+                   bypass_lockout_check: bool = typer.Option(
+                       False, "--bypass-lockout-check",
+                       help="accept a policy under which nobody could change it again"),
+                   output: Output = OutputOpt):
+    """Replace a key's key policy: who may use, manage and delete the key (Principal "account"
+    lets IAM policies decide). Refused if nobody could change it afterwards."""
+    p = client().request("PUT", _path(ref, "policy"), json={
+        "policy": _read_document(policy), "bypass_lockout_check": bypass_lockout_check})
+    render.sentence(p, output, f"replaced the key policy of KMS key {p['key_id']}"
+                    + (f" ({escape(p['alias'])})" if p["alias"] else ""))

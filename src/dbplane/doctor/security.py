@@ -4,14 +4,16 @@ Checks: plaintext allowed (require_tls off; nodes without TLS), allowlists open 
 world, listeners on public or wildcard addresses, static passwords and superuser use by
 applications (read from each primary), repositories and KMS keys (S3 over plain http,
 keys disabled or pending deletion while backups need them), overly broad policies, old
-access keys, certificates expired or expiring, the data root's volume encryption and
-credentials never rotated. Runs in the API server, which reads etcd and connects to each
-primary as the internal superuser.
+access keys, certificates expired or expiring, the data root's volume encryption,
+credentials never rotated and database passwords still in plaintext in etcd. Runs in the
+API server, which reads etcd and connects to each primary as the internal superuser (whose
+password it unseals with the KMS).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import ipaddress
 import os
@@ -19,14 +21,17 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import psutil
 import psycopg
 
 from ..controlplane.topology import Snapshot
-from ..models import DatabaseSecrets, Host, KmsKey, RepositorySpec
+from ..errors import DbplaneError
+from ..models import Host, KmsKey, RepositorySpec
 from ..parameters import require_tls
-from ..security import ca, iam, kms
+from ..security import ca, db_secrets, iam, kms
 from ..security import policy as policies
+from ..security.key_policy import open_statements
 from ..security.tls import postgres_tls
 from ..store import Store, keys
 from ..system import postgres_bin_dir
@@ -51,12 +56,14 @@ async def run(store: Store, data_root: Path | None, database: str | None = None)
     findings += open_allowlists(specs)
     findings += listeners(snap.hosts())
     findings += rotation(specs, snap)
+    findings += secrets_at_rest(specs, snap)
     for spec in specs:
-        findings += await database_users(spec, snap)
+        findings += await database_users(store, spec, snap)
     if database is None:                     # platform-wide checks
         findings += await repositories_and_keys(store)
         findings += await identities(store)
         findings += certificates(data_root)
+        findings += await etcd_client_auth(store)
         findings += data_volume(data_root)
     return sort(findings)
 
@@ -106,7 +113,7 @@ def rotation(specs, snap: Snapshot) -> list[Finding]:
         raw = snap.raw.get(keys.secrets(s.name))
         if raw is None:
             continue
-        since = DatabaseSecrets.model_validate_json(raw).rotated_at or s.created_at
+        since = db_secrets.rotated_at(raw) or s.created_at
         age = (now - since) / 86400
         if s.credential_rotation_days:
             out.append(ok("credential_rotation", f"db/{s.name}",
@@ -126,6 +133,26 @@ def rotation(specs, snap: Snapshot) -> list[Finding]:
     return out
 
 
+def secrets_at_rest(specs, snap: Snapshot) -> list[Finding]:
+    """Database secrets still in plaintext in etcd (written before they were sealed; the
+    controller seals them in its next pass)."""
+    out = []
+    for s in specs:
+        raw = snap.raw.get(keys.secrets(s.name))
+        if raw is None:
+            continue
+        if db_secrets.is_plaintext(raw):
+            out.append(Finding(check="secrets_plaintext", severity="warning", resource=f"db/{s.name}",
+                               summary="the database's passwords are stored in etcd in plaintext",
+                               evidence=f"{keys.secrets(s.name)} is not sealed",
+                               fix="start the controller of this version: it seals them under "
+                                   "alias/dbplane/secrets in its next pass (see its log)"))
+        else:
+            out.append(ok("secrets_plaintext", f"db/{s.name}", "the database's passwords are sealed "
+                          "under a KMS key in etcd"))
+    return out
+
+
 STATIC_PASSWORDS = """
 SELECT a.rolname FROM pg_authid a
 WHERE a.rolcanlogin AND a.rolpassword IS NOT NULL AND NOT a.rolsuper
@@ -141,7 +168,7 @@ WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND usename = 
 GROUP BY 1, 2 ORDER BY 3 DESC"""
 
 
-async def database_users(spec, snap: Snapshot) -> list[Finding]:
+async def database_users(store: Store, spec, snap: Snapshot) -> list[Finding]:
     """Static passwords in use and the superuser or admin user used by applications, read
     from the primary."""
     res = f"db/{spec.name}"
@@ -152,7 +179,11 @@ async def database_users(spec, snap: Snapshot) -> list[Finding]:
         return [Finding(check="static_passwords", severity="info", resource=res,
                         summary="not checked: the database has no running primary",
                         fix=f"see dbplane db describe {spec.name}")]
-    secrets = DatabaseSecrets.model_validate_json(raw)
+    try:
+        secrets = await db_secrets.open_raw(store, keys.secrets(spec.name), raw)
+    except DbplaneError as e:
+        return [Finding(check="static_passwords", severity="info", resource=res,
+                        summary=f"not checked: the database's secrets do not open ({e.message})")]
     try:
         async with await psycopg.AsyncConnection.connect(
                 host=primary.address, port=primary.pg_port, user="postgres", password=secrets.superuser,
@@ -279,6 +310,27 @@ async def repositories_and_keys(store: Store) -> list[Finding]:
                                summary=f"KMS key {kms.label(key)} is scheduled for deletion; nothing "
                                        "needs it",
                                evidence="no backup, archive, database or repository uses it"))
+    out += open_key_policies(list(keys_.values()))
+    return out
+
+
+def open_key_policies(keys_: list[KmsKey]) -> list[Finding]:
+    """Key policies that let every principal ("*") do everything with the key."""
+    out = []
+    for key in keys_:
+        opened = open_statements(key)
+        if opened:
+            sids = ", ".join(st.sid or "(no Sid)" for st in opened)
+            out.append(Finding(check="open_key_policy", severity="warning", resource=f"key/{key.id}",
+                               summary=f"the key policy of KMS key {kms.label(key)} lets every principal "
+                                       "use, rotate, delete the key and change its policy",
+                               evidence=f'statement {sids}: Effect Allow, Principal "*", Action "kms:*", '
+                                        "no Condition",
+                               fix=f'name the principals instead of "*": dbplane kms get-key-policy {key.id} '
+                                   f"> p.json, edit it, dbplane kms put-key-policy {key.id} --policy file://p.json"))
+    if not out:
+        out.append(ok("open_key_policy", "kms", 'no key policy allows every principal ("*") kms:*',
+                      f"{len(keys_)} keys"))
     return out
 
 
@@ -322,6 +374,40 @@ async def identities(store: Store) -> list[Finding]:
         out.append(ok("broad_policy", "iam", "no broad policy attached; no access key older than "
                       f"{KEY_MAX_AGE_DAYS} days"))
     return out
+
+
+ETCD_FIX = ("'dbplane down', then 'dbplane up': etcd then serves https and admits only clients with a "
+            "certificate from the platform CA; an etcd you run yourself needs --cert-file, --key-file, "
+            "--client-cert-auth and --trusted-ca-file (dbplane ca etcd-certs --server-name ADDR)")
+
+
+async def etcd_client_auth(store: Store) -> list[Finding]:
+    """Whether etcd admits a client without a certificate from the platform CA: whoever
+    reaches its port would read every secret and write anything, past the API's policies.
+    Asked the way an intruder would: a key count over the JSON gateway, no certificate."""
+    url = store.url if "://" in store.url else f"http://{store.url}"
+    probe = {"key": base64.b64encode(keys.ROOT.encode()).decode(),
+             "range_end": base64.b64encode(keys.ROOT[:-1].encode() + b"0").decode(), "count_only": True}
+    try:
+        async with httpx.AsyncClient(verify=False, timeout=3) as client:   # no certificate at all
+            r = await client.post(f"{url.rstrip('/')}/v3/kv/range", json=probe)
+    except httpx.HTTPError as e:
+        if url.startswith("https://"):
+            return [ok("etcd_client_auth", "etcd", "etcd refuses clients without a certificate from "
+                       "the platform CA", f"{url}: a request without one failed ({type(e).__name__})")]
+        return [Finding(check="etcd_client_auth", severity="info", resource="etcd",
+                        summary=f"not checked: etcd did not answer a probe ({type(e).__name__})")]
+    if r.status_code != 200:
+        return [ok("etcd_client_auth", "etcd", "etcd refuses clients without a certificate",
+                   f"{url}: a request without one got HTTP {r.status_code}")]
+    how = "plaintext http, no client certificate" if url.startswith("http://") else \
+        "https without --client-cert-auth"
+    return [Finding(check="etcd_client_auth", severity="critical", resource="etcd",
+                    summary="anyone who reaches etcd's client port reads and writes every key "
+                            "(database secrets, IAM, audit log), bypassing the API's policies",
+                    evidence=f"{url} ({how}): a request without a certificate counted "
+                             f"{r.json().get('count', 0)} keys under {keys.ROOT}",
+                    fix=ETCD_FIX)]
 
 
 def certificates(data_root: Path | None) -> list[Finding]:

@@ -17,8 +17,11 @@ from ..classes import CLASSES, get_class
 from ..errors import CapacityError, Conflict, DbplaneError, InvalidInput, NotFound
 from ..models import NAME_RE, AllowRule, BackupSettings, DatabaseSpec, DatabaseStatus, Event, Host, Operation
 from ..proxy.allowlist import rules_for_create
+from ..security import db_secrets
 from ..security.iam import Authority
+from ..security.key_policy import DECRYPT
 from ..security.signing import NonceCache
+from ..security.tls import etcd_client_tls
 from ..store import Store, keys
 from ..system import postgres_major_version
 from . import restore_plan
@@ -31,6 +34,7 @@ from .backup_routes import router as backup_router
 from .doctor_routes import router as doctor_router
 from .ha_routes import router as ha_router
 from .iam_routes import router as iam_router
+from .kms_routes import require_key_use
 from .kms_routes import router as kms_router
 from .proxy_routes import router as proxy_router
 from .views import database_snapshot, describe, get_spec, summary
@@ -65,7 +69,7 @@ def create_app(etcd_url: str, data_root: Path | None = None) -> FastAPI:
     the API runs on that machine."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.store = Store(etcd_url)
+        app.state.store = Store(etcd_url, tls=etcd_client_tls(data_root))
         app.state.authority = Authority(app.state.store)
         app.state.nonces = NonceCache()
         try:
@@ -175,7 +179,8 @@ def create_app(etcd_url: str, data_root: Path | None = None) -> FastAPI:
         a point in time (like RDS's restore-db-instance-* calls)."""
         s = store(request)
         await check_new_database(s, body)
-        source, secrets = await restore_plan.plan(s, body)
+        source, secrets = await restore_plan.plan(
+            s, body, lambda refs: require_key_use(request, refs, DECRYPT))   # the key policies
         spec = DatabaseSpec(name=body.name, instance_class=body.instance_class,
                             multi_az=body.multi_az, replicas=body.replicas,
                             storage_gb=body.storage_gb, params=body.params,
@@ -184,7 +189,8 @@ def create_app(etcd_url: str, data_root: Path | None = None) -> FastAPI:
                                                   retention_days=body.backup_retention_days),
                             allowlist=rules_for_create(body.allowlist))
         op = Operation(kind="restore", database=body.name, params=body.model_dump(by_alias=True))
-        return await create(s, spec, op, {keys.secrets(body.name): secrets})
+        sealed = await db_secrets.sealed_json(s, keys.secrets(body.name), secrets)
+        return await create(s, spec, op, {keys.secrets(body.name): sealed})
 
     @app.get("/v1/databases/{name}")
     async def describe_database(name: str, request: Request):

@@ -105,6 +105,8 @@ ROUTES: dict[tuple[str, str], tuple[str, Resource]] = {
     ("POST", "/v1/kms/keys/{ref:path}/cancel-deletion"): ("kms:CancelKeyDeletion", "key/{ref}"),
     ("GET", "/v1/kms/keys/{ref:path}"): ("kms:DescribeKey", "key/{ref}"),
     ("PATCH", "/v1/kms/keys/{ref:path}"): ("kms:UpdateKey", "key/{ref}"),
+    ("GET", "/v1/kms/keys/{ref:path}/policy"): ("kms:GetKeyPolicy", "key/{ref}"),
+    ("PUT", "/v1/kms/keys/{ref:path}/policy"): ("kms:PutKeyPolicy", "key/{ref}"),
     ("GET", "/v1/iam/{kind}s"): ("iam:List{Kind}s", "{kind}/*"),
     ("POST", "/v1/iam/{kind}s"): ("iam:Create{Kind}", "{kind}/*"),
     ("GET", "/v1/iam/{kind}s/{name}"): ("iam:Get{Kind}", "{kind}/{name}"),

@@ -36,8 +36,9 @@ from ..models import (
     DrillRecord,
     RepositorySpec,
 )
-from ..security import kms
+from ..security import key_policy, kms
 from ..store import Store, keys
+from .kms_routes import require_key_use
 from .views import get_spec
 
 router = APIRouter()
@@ -185,13 +186,15 @@ async def copy_snapshot(snapshot_id: str, body: CopySnapshot, request: Request):
     a backup worker does it and lists the repository in the backup's copies."""
     s = _store(request)
     record = await _find_snapshot(s, snapshot_id)
-    await _get_repository(s, body.repository)
+    target = await _get_repository(s, body.repository)
     if record.state != "available":
         raise Conflict(f"{snapshot_id} is {record.state}", "only available backups can be copied",
                        code="snapshot_not_available")
     if body.repository == record.repository:
         raise InvalidInput(f"{snapshot_id} is stored in {body.repository} already",
                            "copy it to another repository", code="same_repository")
+    await require_key_use(request, [record.kms_key_id], key_policy.DECRYPT)
+    await require_key_use(request, [target.kms_key], key_policy.ENCRYPT)
     if body.repository not in record.copies + record.copy_requested:
         record = record.model_copy(update={"copy_requested": [*record.copy_requested, body.repository]})
         await s.put(keys.backup(record.database, record.id), record)
@@ -303,8 +306,11 @@ async def _get_repository(s: Store, name: str) -> RepositorySpec:
     return spec
 
 
-async def _check_kms_key(s: Store, ref: str) -> None:
-    kms.check_usable(await kms.get_key(s, ref))
+async def _check_kms_key(request: Request, s: Store, ref: str) -> None:
+    """The key exists, the caller may have a resource encrypt with it, and it is usable."""
+    key = await kms.get_key(s, ref)
+    await require_key_use(request, [ref], key_policy.ENCRYPT)
+    kms.check_usable(key)
 
 
 @router.patch("/v1/databases/{name}/backup")
@@ -324,9 +330,11 @@ async def modify_backup(name: str, body: BackupPatch, request: Request):  # type
     settings = _merged_settings(spec.backup, changes)
     for field in ("repository", "copy_to"):
         if changes.get(field):
-            await _get_repository(s, changes[field])
+            repository = await _get_repository(s, changes[field])
+            if field == "copy_to":          # copies are encrypted again under its key
+                await require_key_use(request, [repository.kms_key], key_policy.ENCRYPT)
     if "kms_key" in changes:
-        await _check_kms_key(s, settings.kms_key)
+        await _check_kms_key(request, s, settings.kms_key)
     spec = spec.model_copy(update={"backup": settings})
     await s.put(keys.database_spec(name), spec)
     return await _backup_view(s, spec)
@@ -409,7 +417,7 @@ async def create_repository(body: CreateRepository, request: Request):  # type: 
         raise Conflict(f"repository {spec.name} already exists",
                        "choose another name; see it with 'dbplane repository describe "
                        f"{spec.name}'", code="repository_exists")
-    await _check_kms_key(s, spec.kms_key)
+    await _check_kms_key(request, s, spec.kms_key)
     await _check_reachable(spec)
     if not await s.create(keys.repository(spec.name), spec):
         raise Conflict(f"repository {spec.name} already exists", "choose another name",

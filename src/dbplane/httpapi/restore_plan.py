@@ -21,6 +21,7 @@ from ..models import (
     RepositorySpec,
     RestoreSource,
 )
+from ..security import db_secrets
 from ..security.kms import load_kms
 from ..store import Store, keys
 
@@ -29,7 +30,9 @@ def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def plan(s: Store, body) -> tuple[RestoreSource, DatabaseSecrets]:
+async def plan(s: Store, body, check_keys=None) -> tuple[RestoreSource, DatabaseSecrets]:
+    """`check_keys(refs)`: may the caller have what these KMS keys encrypted decrypted (the
+    key policies, httpapi/kms_routes.py require_key_use)? Asked before anything is read."""
     if (body.snapshot is None) == (body.source is None):
         raise InvalidInput("name either a snapshot or a source database to restore from",
                            "pass --from-snapshot ID, or --from DB with --to-time or --latest",
@@ -47,7 +50,23 @@ async def plan(s: Store, body) -> tuple[RestoreSource, DatabaseSecrets]:
                            f"copy it first with 'dbplane snapshot copy {lacking[0]} --to-repository "
                            f"{body.repository}', or restore from {source.repository}", code="no_copy")
         source = source.model_copy(update={"repository": body.repository})
+    if check_keys is not None:
+        await check_keys(await keys_read(s, source, backups))
     return source, await secrets_of(s, source, backups)
+
+
+async def keys_read(s: Store, source: RestoreSource, backups: list[BackupRecord]) -> list[str]:
+    """The KMS keys the restore decrypts with: the repository's key when it restores from a
+    copy (copies are encrypted again under it), else those of the backups in the chain and
+    of the source's WAL archive."""
+    by_id = {b.id: b for b in backups}
+    chain = [by_id[b] for b in source.chain if b in by_id]
+    if any(b.repository != source.repository for b in chain):
+        repository = await s.get(keys.repository(source.repository), RepositorySpec)
+        return [repository.kms_key] if repository else []
+    archive = await s.get(keys.archive_status(source.source_database), ArchiveStatus)
+    wal = archive.kms_key_ids if archive is not None and archive.archive_id == source.archive_id else []
+    return [b.kms_key_id for b in chain] + wal
 
 
 def from_snapshot(snapshot_id: str, backups: list[BackupRecord]) -> RestoreSource:
@@ -110,10 +129,11 @@ async def to_point_in_time(s: Store, body, backups: list[BackupRecord]) -> Resto
 
 async def secrets_of(s: Store, source: RestoreSource, backups: list[BackupRecord]) -> DatabaseSecrets:
     """The source's passwords: a restored database keeps them (its roles come from the
-    backup). From etcd while the source lives, else from the backup itself."""
+    backup). From etcd while the source lives, else from the backup itself, where they are
+    encrypted with the backup's data key like every object of it."""
     spec = await s.get(keys.database_spec(source.source_database), DatabaseSpec)
     if spec is not None and spec.archive_id == source.archive_id:
-        secrets = await s.get(keys.secrets(spec.name), DatabaseSecrets)
+        secrets = await db_secrets.load(s, keys.secrets(spec.name))
         if secrets is not None:
             return secrets
     config = await s.get(keys.config(), PlatformConfig) or PlatformConfig()

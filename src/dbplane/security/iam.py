@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from ..errors import Conflict, DbplaneError, InvalidInput, NotFound
 from ..models import now
 from ..store import keys
+from . import key_policy
 from . import policy as policies
 from .kms import Kms, list_keys, load_root_key
 from .sealed import SECRETS_KEY_ALIAS, SealedSecret, seal, unseal
@@ -223,6 +224,10 @@ class Authority:
         return cached[1]
 
     async def authorize(self, ref: str, request: policies.Request) -> policies.Decision:
+        if key_policy.governs(request):        # an action on one KMS key: its key policy has a say
+            decided = await key_policy.authorize(self.store, ref, await self.policies_of(ref), request)
+            if decided is not None:
+                return decided
         decision = policies.evaluate(await self.policies_of(ref), request)
         if not decision.allowed:
             hint = (f"attach a policy that allows it: dbplane iam attach-policy POLICY "

@@ -265,10 +265,11 @@ def _material(root_key: bytes, key: KmsKey, version: int) -> bytes:
 
 def check_alias(alias: str) -> str:
     if alias and (not ALIAS_RE.fullmatch(alias) or len(alias) > MAX_ALIAS
-                  or alias.startswith("alias/aws/") or alias.endswith("/") or "//" in alias):
+                  or alias.startswith("alias/aws/") or alias.endswith(("/", "/policy")) or "//" in alias):
         raise KmsError(f"invalid KMS alias {alias!r}",
                        "write alias/NAME with letters, digits, '/', '_' and '-' (at most "
-                       f"{MAX_ALIAS} characters; alias/aws/ is reserved)", code="kms_invalid_alias")
+                       f"{MAX_ALIAS} characters; alias/aws/ and a last part 'policy' are reserved)",
+                       code="kms_invalid_alias")
     return alias
 
 
@@ -577,6 +578,13 @@ async def key_users(store: Store, key: KmsKey) -> list[str]:
     for r in _parsed(await store.get_prefix(store_keys.repositories()), RepositorySpec, key.id, users):
         if refers(r.kms_key):
             users.append(f"repository {r.name} (its copies encrypt with {r.kms_key})")
+    # database passwords, access keys and IAM database passwords sealed in etcd (sealed.py)
+    marker = f'"kms_key_id":"{key.id}"'.encode()
+    sealed = 0
+    for prefix in ("secrets/", "secrets-next/", "iam/access-keys/", "iam/db-passwords/"):
+        sealed += sum(marker in raw for raw in (await store.get_prefix(store_keys.ROOT + prefix)).values())
+    if sealed:
+        users.append(f"{sealed} secrets sealed in etcd (database passwords, access keys)")
     return users
 
 

@@ -20,6 +20,7 @@ import datetime
 import fnmatch
 import ipaddress
 import json
+import re
 from dataclasses import dataclass, field
 
 from ..errors import InvalidInput
@@ -40,7 +41,8 @@ ACTIONS = {
                "VerifySnapshot", "DescribeBackup", "ModifyBackup", "DescribeDrills",
                "CreateRepository", "DescribeRepositories", "DeleteRepository"],
     "kms": ["ListKeys", "DescribeKey", "CreateKey", "UpdateKey", "RotateKey", "DisableKey",
-            "EnableKey", "ScheduleKeyDeletion", "CancelKeyDeletion"],
+            "EnableKey", "ScheduleKeyDeletion", "CancelKeyDeletion", "GetKeyPolicy", "PutKeyPolicy",
+            "GenerateDataKey", "Decrypt"],
     "iam": ["ListUsers", "GetUser", "CreateUser", "DeleteUser", "ListRoles", "GetRole",
             "CreateRole", "DeleteRole", "ListPolicies", "GetPolicy", "CreatePolicy",
             "DeletePolicy", "AttachPolicy", "DetachPolicy", "ListAccessKeys",
@@ -49,6 +51,13 @@ ACTIONS = {
     "ca": ["GetCertificate"],
 }
 ALL_ACTIONS = [f"{service}:{name}" for service, names in ACTIONS.items() for name in names]
+
+# Key policies (security/key_policy.py) add a Principal element: "*", "user/NAME", "role/NAME",
+# or ACCOUNT, which stands for every principal as far as its IAM policies allow (AWS's
+# account principal: the statement delegates the key to IAM).
+ACCOUNT = "account"
+KEY_POLICY_MAX_BYTES = 32768        # AWS KMS's limit for a key policy
+PRINCIPAL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.@+=,-]{0,63}")     # as iam.NAME_RE
 
 # condition operator -> (context key type, test)
 CONDITION_KEYS = {"dbplane:SourceIp": "ip", "dbplane:CurrentTime": "time",
@@ -77,12 +86,14 @@ class Statement:
     actions: tuple[str, ...]
     resources: tuple[str, ...]
     conditions: tuple[Condition, ...] = ()
+    principals: tuple[str, ...] = ()    # key policies only; empty: whoever the policy is attached to
 
 
 @dataclass(frozen=True)
 class Policy:
     name: str
     statements: tuple[Statement, ...]
+    title: str = ""                 # how decisions name it; default "policy NAME"
 
 
 @dataclass
@@ -166,45 +177,74 @@ def _parse_time(text: str) -> datetime.datetime:
     return t if t.tzinfo else t.replace(tzinfo=datetime.UTC)
 
 
-def parse(name: str, document: str | dict) -> Policy:
-    """A policy from its JSON text (or parsed dict), or malformed_policy naming what is wrong."""
+def _principal(ref: str, where: str) -> str:
+    kind, _, name = ref.partition("/")
+    if ref in ("*", ACCOUNT) or (kind in ("user", "role") and PRINCIPAL_NAME.fullmatch(name)):
+        return ref
+    raise _bad(f"{where}: principal {ref!r} is not user/NAME, role/NAME, {ACCOUNT!r} or '*'",
+               f'name principals as "user/alice" or "role/orders-app"; "{ACCOUNT}" lets IAM policies decide')
+
+
+def _key_statement(st: dict, actions: tuple[str, ...], resources: tuple[str, ...],
+                   where: str) -> tuple[str, ...]:
+    """The principals of a key policy's statement; its actions and resources checked."""
+    if "Principal" not in st:
+        raise _bad(f"{where} needs a Principal", f'e.g. "Principal": "user/alice", or "{ACCOUNT}" to let '
+                   "IAM policies decide")
+    if resources != ("*",):
+        raise _bad(f'{where}: the Resource of a key policy is "*" (the key itself), not {list(resources)}')
+    for a in actions:
+        if a != "*" and not any(action_matches(a, k) for k in ALL_ACTIONS if k.startswith("kms:")):
+            raise _bad(f"{where}: action {a!r} is no kms: action; a key policy governs its key only",
+                       "use kms: actions, e.g. kms:Decrypt, kms:GenerateDataKey, kms:RotateKey or kms:*")
+    return tuple(_principal(p, where) for p in _strings(st["Principal"], "Principal", where))
+
+
+def parse(name: str, document: str | dict, key_policy: bool = False) -> Policy:
+    """A policy from its JSON text (or parsed dict), or malformed_policy naming what is wrong.
+    `key_policy`: the document is the key policy of KMS key `name`: each statement names its
+    Principal, Resource is "*" and actions are kms: ones (security/key_policy.py)."""
+    title = f"the key policy of {name}" if key_policy else f"policy {name}"
+    limit = KEY_POLICY_MAX_BYTES if key_policy else MAX_DOCUMENT_BYTES
     if isinstance(document, str):
-        if len(document.encode()) > MAX_DOCUMENT_BYTES:
-            raise _bad(f"policy {name} is {len(document.encode())} bytes; the limit is {MAX_DOCUMENT_BYTES}",
-                       "split it into several policies")
+        if len(document.encode()) > limit:
+            raise _bad(f"{title} is {len(document.encode())} bytes; the limit is {limit}",
+                       "split it into several policies" if not key_policy else "shorten it")
         try:
             document = json.loads(document)
         except json.JSONDecodeError as e:
-            raise _bad(f"policy {name} is not JSON: {e.msg} at line {e.lineno} column {e.colno}",
+            raise _bad(f"{title} is not JSON: {e.msg} at line {e.lineno} column {e.colno}",
                        "check the document with a JSON linter (e.g. python3 -m json.tool)") from None
     if not isinstance(document, dict):
-        raise _bad(f"policy {name} must be a JSON object with Version and Statement")
+        raise _bad(f"{title} must be a JSON object with Version and Statement")
     unknown = set(document) - {"Version", "Statement", "Id"}
     if unknown:
-        raise _bad(f"policy {name}: unknown top-level element {sorted(unknown)[0]!r}")
+        raise _bad(f"{title}: unknown top-level element {sorted(unknown)[0]!r}")
     if document.get("Version") != VERSION:
-        raise _bad(f"policy {name}: Version must be {VERSION!r}, not {document.get('Version')!r}",
+        raise _bad(f"{title}: Version must be {VERSION!r}, not {document.get('Version')!r}",
                    f'add "Version": "{VERSION}" (the IAM grammar this follows)')
     raw = document.get("Statement")
     raw = [raw] if isinstance(raw, dict) else raw
     if not isinstance(raw, list) or not raw:
-        raise _bad(f"policy {name} has no Statement")
+        raise _bad(f"{title} has no Statement")
     statements = []
+    elements = {"Sid", "Effect", "Action", "Resource", "Condition"} | ({"Principal"} if key_policy else set())
     for i, st in enumerate(raw):
-        where = f"policy {name} statement {i + 1}"
+        where = f"{title} statement {i + 1}"
         if not isinstance(st, dict):
             raise _bad(f"{where} is not an object")
-        unknown = set(st) - {"Sid", "Effect", "Action", "Resource", "Condition"}
+        unknown = set(st) - elements
         if unknown:
             raise _bad(f"{where}: unsupported element {sorted(unknown)[0]!r}",
-                       "use Sid, Effect, Action, Resource and Condition (NotAction, NotResource "
-                       "and Principal are not supported)")
+                       f"use {', '.join(sorted(elements))} (NotAction, NotResource and NotPrincipal are "
+                       "not supported" + ("" if key_policy else "; Principal only in key policies") + ")")
         if st.get("Effect") not in ("Allow", "Deny"):
             raise _bad(f"{where}: Effect must be Allow or Deny, not {st.get('Effect')!r}")
         if "Action" not in st or "Resource" not in st:
             raise _bad(f"{where} needs both Action and Resource")
         actions = tuple(_action_pattern(a, where) for a in _strings(st["Action"], "Action", where))
         resources = _strings(st["Resource"], "Resource", where)
+        principals = _key_statement(st, actions, resources, where) if key_policy else ()
         conditions: list[Condition] = []
         cond = st.get("Condition", {})
         if not isinstance(cond, dict):
@@ -212,8 +252,8 @@ def parse(name: str, document: str | dict) -> Policy:
         for operator, body in cond.items():
             conditions.extend(_condition(operator, body, where))
         statements.append(Statement(str(st.get("Sid", "")), st["Effect"], actions, resources,
-                                    tuple(conditions)))
-    return Policy(name, tuple(statements))
+                                    tuple(conditions), principals))
+    return Policy(name, tuple(statements), title)
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -256,13 +296,14 @@ def resource_matches(pattern: str, resource: str) -> bool:
 
 
 def _applies(st: Statement, request: Request) -> bool:
-    return (any(action_matches(a, request.action) for a in st.actions)
+    return ((not st.principals or any(p in ("*", ACCOUNT, request.principal) for p in st.principals))
+            and any(action_matches(a, request.action) for a in st.actions)
             and any(resource_matches(r, request.resource) for r in st.resources)
             and all(_condition_holds(c, request) for c in st.conditions))
 
 
 def _label(policy: Policy, index: int, st: Statement) -> str:
-    return f"policy {policy.name} statement {st.sid or index + 1}"
+    return f"{policy.title or f'policy {policy.name}'} statement {st.sid or index + 1}"
 
 
 def evaluate(policies: list[Policy], request: Request) -> Decision:
@@ -294,7 +335,7 @@ BUILTIN = {
     "ReadOnlyAccess": {"Version": VERSION, "Statement": [
         {"Sid": "ReadEverything", "Effect": "Allow",
          "Action": ["platform:Describe*", "db:Describe*", "backup:Describe*", "kms:ListKeys",
-                    "kms:DescribeKey", "iam:List*", "iam:Get*", "audit:LookupEvents",
+                    "kms:DescribeKey", "kms:GetKeyPolicy", "iam:List*", "iam:Get*", "audit:LookupEvents",
                     "audit:VerifyLog", "audit:GetSettings", "ca:GetCertificate"],
          "Resource": "*"}]},
 }
