@@ -159,6 +159,10 @@ BASE_PARAMETERS = {
     "unix_socket_directories": "",          # TCP only: no socket path length limits
     "shared_preload_libraries": "pg_stat_statements",
     "track_io_timing": "on",
+    # the doctor's evidence (docs/doctor.md): lock waits past deadlock_timeout and replay
+    # waiting for conflicting standby queries are logged, with the statements
+    "log_lock_waits": "on",
+    "log_recovery_conflict_waits": "on",
 }
 
 

@@ -1,5 +1,6 @@
 """The database's admin user (like RDS's master user), created on the primary once it is
-up, with a SCRAM verifier so the password never appears in SQL text."""
+up, with a SCRAM verifier so the password never appears in SQL text; and the
+pg_stat_statements extension in the postgres database."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ async def ensure_admin_user(primary: MemberSpec, user: str, secrets: DatabaseSec
         if not await (await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'dbplane_iam'")).fetchone():
             await conn.execute("CREATE ROLE dbplane_iam NOLOGIN")
         await conn.execute(sql.SQL("GRANT dbplane_iam TO {} WITH ADMIN OPTION").format(sql.Identifier(user)))
+        # top SQL for the doctor and performance insights (the library is preloaded by default)
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         # owning the postgres database gives CREATE on its public schema (PostgreSQL 15+)
         await conn.execute(sql.SQL("ALTER DATABASE postgres OWNER TO {}").format(
             sql.Identifier(user)))

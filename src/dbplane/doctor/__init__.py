@@ -1,6 +1,7 @@
 """The doctor: checks that diagnose a platform and its databases, each finding with the
 evidence it rests on and a concrete fix. `security` finds what is still misconfigured
-(docs/security.md#doctor)."""
+(docs/security.md#doctor); `diagnose` runs the database checks of `database` and
+`platform_checks` on a platform database or any PostgreSQL by URL (docs/doctor.md)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ..doctor import security
+from ..doctor import diagnose, security
 from .views import get_spec
 
 router = APIRouter()
@@ -17,3 +17,13 @@ async def doctor_security(request: Request, database: str | None = None):
         await get_spec(store, database)          # database_not_found for a name that is not there
     findings = await security.run_with_timeout(store, request.app.state.data_root, database)
     return {"findings": [f.model_dump() for f in findings]}
+
+
+@router.get("/v1/doctor/databases/{name}")
+async def doctor_database(name: str, request: Request):
+    """Connection exhaustion, replication lag and its cause, deadlocks, missing indexes,
+    bloat, long and idle-in-transaction sessions, backups, storage (docs/doctor.md)."""
+    store = request.app.state.store
+    await get_spec(store, name)
+    findings = await diagnose.run_with_timeout(store, name)
+    return {"database": name, "findings": [f.model_dump() for f in findings]}
