@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ..security import audit
+from .auth import PUBLIC
 
 MAX_ERROR_BODY = 8192              # an error body longer than this is not parsed for its code
 
@@ -85,6 +86,8 @@ class AuditMiddleware:
         state = scope.get("state") or {}
         route = scope.get("route")
         template = getattr(route, "path", None) or scope["path"]
+        if template in PUBLIC and scope["method"] in ("GET", "HEAD") and status < 400:
+            return          # health probes and the console's files: no data, nobody to name
         client = scope.get("client")
         await audit.record_call(
             store, principal=state.get("principal"),
