@@ -97,6 +97,8 @@ class DatabaseSpec(BaseModel):
     backup: BackupSettings = Field(default_factory=lambda: BackupSettings())
     # rotate the internal and admin passwords every N days (0: only on request)
     credential_rotation_days: int = Field(0, ge=0, le=365)
+    # seconds between the metrics collectors' samples of its members (docs/observability.md)
+    metrics_interval: int = Field(10, ge=1, le=60)
     # set on a database created by `db restore`: what its first member bootstraps from
     restore: RestoreSource | None = None
     # `db delete --final-snapshot ID`: the snapshot taken before the members go
@@ -312,6 +314,18 @@ class ProxyInstance(BaseModel):
     address: str
     admin_port: int          # HTTP: /stats, /cancel
     pid: int
+    started_at: float = Field(default_factory=now)
+
+
+class CollectorInstance(BaseModel):
+    """A host's metrics collector (src/dbplane/metrics/), registered under a lease: where its
+    https endpoint (GET /metrics, /history) listens. Collector."""
+    host: str
+    zone: str
+    address: str
+    port: int
+    pid: int
+    interval: float
     started_at: float = Field(default_factory=now)
 
 

@@ -105,6 +105,10 @@ class Agent:
         self.members_dir.mkdir(parents=True, exist_ok=True)
         for d in (self.host_dir, self.members_dir):
             os.chmod(d, 0o755)
+        metrics_dir = self.host_dir / "metrics"          # the collector's history file (its account)
+        metrics_dir.mkdir(mode=0o750, exist_ok=True)
+        if self.run_as:
+            os.chown(metrics_dir, self.run_as.uid, self.run_as.gid)
         check_account_can_use(self.run_as, [self.python, self.bin_dir + "/postgres",
                                             str(self.members_dir)])
         if ca.ensure_ca(self.root):               # a platform started component by component
@@ -141,6 +145,10 @@ class Agent:
                               [self.host.address, "localhost", self.host.name, proxy_host], owner)
         if why:
             log.info("issued the proxy's TLS certificate in %s (%s)", self.tls_dir, why)
+        why = tls.ensure_leaf(self.root, self.tls_dir / "collector.crt", self.tls_dir / "collector.key",
+                              [self.host.address, "localhost", self.host.name], owner)
+        if why:      # the metrics collector's https endpoint; it follows renewals by itself
+            log.info("issued the metrics collector's TLS certificate in %s (%s)", self.tls_dir, why)
 
     @functools.cached_property
     def ca_context(self) -> ssl.SSLContext:
@@ -407,6 +415,9 @@ class Agent:
         if self.backup_worker:
             out["backup"] = [self.python, "-m", "dbplane.backup", *etcd,
                              "--host", self.host.name, "--bin-dir", self.bin_dir]
+        out["metrics"] = [self.python, "-m", "dbplane.metrics", "collect", *etcd, "--host", self.host.name,
+                          "--zone", self.host.zone, "--address", self.host.address,
+                          "--data-root", str(self.root)]
         return out
 
     def ensure_services(self) -> None:

@@ -28,6 +28,7 @@ from .common import Output, OutputOpt, client, root, state
 from .doctor_cmds import doctor_app
 from .iam_cmds import iam_app
 from .kms_cmds import kms_app
+from .metrics_cmds import metrics as metrics_command
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="dbplane: managed PostgreSQL on your own machines.")
@@ -49,6 +50,7 @@ app.add_typer(ca_app, name="ca")
 app.add_typer(audit_app, name="audit")
 app.add_typer(iam_app, name="iam")
 app.add_typer(doctor_app, name="doctor")
+app.command("metrics")(metrics_command)   # a database's metric history
 
 
 @app.callback()
@@ -302,13 +304,16 @@ def db_modify(name: str,
               credential_rotation_days: int | None = typer.Option(
                   None, "--credential-rotation-days", help="rotate the internal and admin passwords "
                   "every N days (0: off)"),
+              metrics_interval: int | None = typer.Option(
+                  None, "--metrics-interval", help="seconds between metric samples of the members (1-60)"),
               wait: bool = typer.Option(False, "--wait", help="wait until applied"),
               output: Output = OutputOpt):
     """Change class, parameters or Multi-AZ. Settings that need a restart are applied by a
     rolling restart: replicas first, then a switchover to the standby."""
     op = client().patch(f"/v1/databases/{name}", {
         "class": instance_class, "params": parse_params(param), "multi_az": multi_az,
-        "storage_gb": storage_gb, "credential_rotation_days": credential_rotation_days})
+        "storage_gb": storage_gb, "credential_rotation_days": credential_rotation_days,
+        "metrics_interval": metrics_interval})
     restart = op["params"].get("restart") or []
     if restart and output == Output.table:
         render.err_console.print(f"{', '.join(restart)} take effect after a restart: rolling "

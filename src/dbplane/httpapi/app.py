@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from .. import __version__, parameters
 from ..classes import CLASSES, get_class
+from ..console.routes import router as console_router
 from ..errors import CapacityError, Conflict, DbplaneError, InvalidInput, NotFound
 from ..models import NAME_RE, AllowRule, BackupSettings, DatabaseSpec, DatabaseStatus, Event, Host, Operation
 from ..proxy.allowlist import rules_for_create
@@ -36,6 +37,7 @@ from .ha_routes import router as ha_router
 from .iam_routes import router as iam_router
 from .kms_routes import require_key_use
 from .kms_routes import router as kms_router
+from .metrics_routes import router as metrics_router
 from .proxy_routes import router as proxy_router
 from .views import database_snapshot, describe, get_spec, summary
 
@@ -247,5 +249,7 @@ def create_app(etcd_url: str, data_root: Path | None = None) -> FastAPI:
     app.include_router(allowlist_router)  # network allowlists
     app.include_router(iam_router)     # users, roles, policies, access keys
     app.include_router(doctor_router)  # diagnoses with evidence and fix
+    app.include_router(metrics_router)  # Prometheus scrape, metric history
+    app.include_router(console_router)  # the web console's static files (public)
     app.state.data_root = data_root
     return app

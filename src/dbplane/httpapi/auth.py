@@ -7,7 +7,7 @@
    principal's policies (security/policy.py): explicit deny, then allow, else denied.
 3. Tell the audit log who did what: request.state.principal, .action, .resource.
 
-Only PUBLIC routes skip this: the health probe and the OpenAPI schema.
+Only PUBLIC routes skip this: the health probe, the OpenAPI schema and the console's files.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from ..security import iam, session_token, signing
 from ..security.policy import Request as PolicyRequest
 from ..security.policy import evaluate as policy_evaluate
 from ..store import keys
+from . import basic_auth
 
 PUBLIC = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+PUBLIC |= {"/console", "/console/{path:path}"}   # the console's static files: no data in them
 FILTERED_LISTS = {"db/*"}      # list calls that show each caller the items it may see
 WHOAMI = "/v1/whoami"          # any valid signature may ask who it is (like sts get-caller-identity)
 SESSION_TOKEN = "/v1/session-token"  # any valid signature may ask for a token (like sts get-session-token)
@@ -127,6 +129,9 @@ ROUTES: dict[tuple[str, str], tuple[str, Resource]] = {
     ("GET", "/v1/audit/settings"): ("audit:GetSettings", "audit/*"),
     ("PATCH", "/v1/audit/settings"): ("audit:UpdateSettings", "audit/*"),
     ("GET", "/v1/doctor/security"): ("platform:RunDoctor", "*"),
+    ("GET", "/v1/doctor/databases/{name}"): ("platform:RunDoctor", "db/{name}"),
+    ("GET", "/metrics"): ("metrics:Scrape", "*"),
+    ("GET", "/v1/databases/{name}/metrics"): ("db:DescribeMetrics", "db/{name}"),
 }
 
 
@@ -185,6 +190,8 @@ async def authenticate(request: Request) -> iam.Identity:
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer":
         return await _bearer(request, token.strip())
+    if scheme.lower() == "basic" and basic_auth.applies(request):     # Prometheus: GET /metrics only
+        return await basic_auth.identity(request, token.strip())
     try:
         key_id, sig = signing.parse_authorization(header)
         signing.check_date(request.headers.get(signing.DATE_HEADER, ""))

@@ -40,6 +40,7 @@ class ModifyRequest(BaseModel):
     multi_az: bool | None = None
     storage_gb: int | None = Field(None, ge=1, le=65536)
     credential_rotation_days: int | None = Field(None, ge=0, le=365)
+    metrics_interval: int | None = Field(None, ge=1, le=60)
 
     model_config = {"populate_by_name": True}
 
@@ -215,9 +216,10 @@ async def promote_replica(name: str, member: str, body: PromoteRequest, request:
 async def modify_database(name: str, body: ModifyRequest, request: Request):
     s = _store(request)
     if body.instance_class is None and not body.params and body.multi_az is None \
-            and body.storage_gb is None and body.credential_rotation_days is None:
+            and body.storage_gb is None and body.credential_rotation_days is None \
+            and body.metrics_interval is None:
         raise InvalidInput("nothing to modify", "pass --class, --param k=v, --storage-gb N, "
-                           "--multi-az/--no-multi-az or --credential-rotation-days N",
+                           "--multi-az/--no-multi-az, --credential-rotation-days N or --metrics-interval S",
                            code="nothing_to_modify")
     if body.instance_class is not None:
         get_class(body.instance_class)
@@ -237,6 +239,7 @@ async def modify_database(name: str, body: ModifyRequest, request: Request):
         "storage_gb": body.storage_gb or spec.storage_gb,
         "credential_rotation_days": spec.credential_rotation_days if body.credential_rotation_days is None
         else body.credential_rotation_days,
+        "metrics_interval": body.metrics_interval or spec.metrics_interval,
         "generation": spec.generation + 1})
     op = Operation(kind="modify", database=name, params={
         **body.model_dump(by_alias=True), "generation": new.generation,

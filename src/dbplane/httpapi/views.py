@@ -68,6 +68,7 @@ def describe(spec: DatabaseSpec, snap: Snapshot) -> dict:
         "tls": database_tls(require_tls(spec), postgres_bin_dir()),
         "allowlist": [r.model_dump() for r in spec.allowlist],
         "credentials": credentials_view(spec, snap),
+        "metrics_interval": spec.metrics_interval,
         "created_at": spec.created_at,
     }
 

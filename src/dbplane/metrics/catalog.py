@@ -88,6 +88,8 @@ METRICS: tuple[Metric, ...] = (
     # -- availability and the collector itself
     _g("dbplane_member_up", "1 if the collector reached the member's PostgreSQL in this scrape, else 0.",
        MEMBER, "collector"),
+    _g("dbplane_collector_up", "1 if the host's collector answered the platform scrape, else 0.", HOST,
+       "the API's GET /metrics"),
     _g("dbplane_collector_scrape_duration_seconds",
        "How long the collector's last scrape of the target took.", (*HOST, "target"), "collector"),
     # -- pg_stat_database
@@ -119,7 +121,7 @@ METRICS: tuple[Metric, ...] = (
        MEMBER, f"pg_stat_database.conflicts, {_SUMMED}"),
     # -- connections (pg_stat_activity)
     _g("dbplane_pg_connections", "Client backends by state.", _STATE,
-       "pg_stat_activity where backend_type = 'client backend', counted by state"),
+       "pg_stat_activity where backend_type = 'client backend' (not the collector's own), counted by state"),
     _g("dbplane_pg_max_connections", "The max_connections setting.", MEMBER, "pg_settings.max_connections"),
     _g("dbplane_pg_longest_transaction_seconds", "Age of the oldest open transaction (0 when none).", MEMBER,
        "pg_stat_activity: now() - min(xact_start) of client backends"),
@@ -130,8 +132,7 @@ METRICS: tuple[Metric, ...] = (
        "WAL the replica has received but not replayed, or not received yet.", MEMBER,
        "pg_stat_replication on the primary: pg_current_wal_lsn() - replay_lsn"),
     _g("dbplane_pg_replication_lag_seconds", "How far the replica's replay is behind the primary in time.",
-       MEMBER, "pg_stat_replication.replay_lag on the primary; "
-               "now() - pg_last_xact_replay_timestamp() on the replica when the primary is unreachable"),
+       MEMBER, "pg_stat_replication.replay_lag on the primary (0 when caught up and idle)"),
     # -- WAL (pg_stat_wal) and checkpoints (pg_stat_checkpointer)
     _c("dbplane_pg_wal_bytes_total", "WAL generated.", MEMBER, "pg_stat_wal.wal_bytes"),
     _c("dbplane_pg_wal_records_total", "WAL records generated.", MEMBER, "pg_stat_wal.wal_records"),
@@ -201,12 +202,12 @@ METRICS: tuple[Metric, ...] = (
        PROXY, "pool errors"),
     # -- backups and the WAL archive
     _g("dbplane_backup_last_success_age_seconds",
-       "Time since the newest base backup that completed and verified.", DATABASE,
-       "the backup catalog in etcd"),
+       "Time since the newest usable base backup finished (complete, not found damaged).", DATABASE,
+       "the backup catalog in etcd: the newest usable backup's finished_at, from the primary's host"),
     _g("dbplane_archive_lag_bytes", "WAL written on the primary but not yet in the archive.", DATABASE,
-       "the archiver's published position against pg_current_wal_lsn()"),
+       "ArchiveStatus.lag_bytes in etcd: the archiver's position against the primary's WAL end"),
     _g("dbplane_archive_lag_seconds", "Age of the oldest WAL not yet in the archive (0 when caught up).",
-       DATABASE, "the archiver's published state"),
+       DATABASE, "ArchiveStatus.lag_seconds in etcd, as the archiver published it"),
 )
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}

@@ -359,6 +359,7 @@ def stop_left_behind(layout: Layout, say=print) -> list[str]:
     stopped = []
     hosts = layout.root / "hosts"
     for pidfile in (sorted(hosts.glob("*/proxy-*.pid")) + sorted(hosts.glob("*/backup.pid"))
+                    + sorted(hosts.glob("*/metrics.pid"))
                     + sorted(hosts.glob("*/members/*/prefetch.pid"))
                     + sorted(hosts.glob("*/members/*/patroni.pid"))):
         if process.stop(pidfile, timeout=30):

@@ -36,7 +36,7 @@ ACTIONS = {
            "ModifyDatabase", "Switchover", "Failover", "CreateReplica", "DeleteReplica",
            "PromoteReplica", "DescribeOperations", "DescribeEvents", "DescribeProxy",
            "ModifyProxy", "Connect", "DescribeAllowlist", "AuthorizeIngress", "RevokeIngress",
-           "ModifyAllowlist", "RotateCredentials"],
+           "ModifyAllowlist", "RotateCredentials", "DescribeMetrics"],
     "backup": ["CreateSnapshot", "DescribeSnapshots", "DeleteSnapshot", "CopySnapshot",
                "VerifySnapshot", "DescribeBackup", "ModifyBackup", "DescribeDrills",
                "CreateRepository", "DescribeRepositories", "DeleteRepository"],
@@ -49,6 +49,7 @@ ACTIONS = {
             "CreateAccessKey", "DeleteAccessKey", "UpdateAccessKey", "SimulatePolicy"],
     "audit": ["LookupEvents", "VerifyLog", "GetSettings", "UpdateSettings"],
     "ca": ["GetCertificate"],
+    "metrics": ["Scrape"],
 }
 ALL_ACTIONS = [f"{service}:{name}" for service, names in ACTIONS.items() for name in names]
 
@@ -336,6 +337,7 @@ BUILTIN = {
         {"Sid": "ReadEverything", "Effect": "Allow",
          "Action": ["platform:Describe*", "db:Describe*", "backup:Describe*", "kms:ListKeys",
                     "kms:DescribeKey", "kms:GetKeyPolicy", "iam:List*", "iam:Get*", "audit:LookupEvents",
-                    "audit:VerifyLog", "audit:GetSettings", "ca:GetCertificate"],
+                    "audit:VerifyLog", "audit:GetSettings", "ca:GetCertificate",
+                    "metrics:Scrape"],
          "Resource": "*"}]},
 }

@@ -20,6 +20,7 @@ clusters live under PATRONI_NAMESPACE, one scope per database.
   /dbplane/v1/proxy/instances/<id>         ProxyInstance proxy, under a lease
   /dbplane/v1/proxy/drain/<db>             ProxyDrain    controller, during a switchover
   /dbplane/v1/proxy/drained/<db>/<id>      operation id  proxy: no writer transaction runs
+  /dbplane/v1/metrics/collectors/<host>    CollectorInstance metrics collector of a host, under a lease
   /dbplane/v1/repositories/<name>          RepositorySpec API (`dbplane up` writes `local`)
   /dbplane/v1/backups/<db>/<id>            BackupRecord  backup worker, controller (expiry)
   /dbplane/v1/archive/<db>                 ArchiveStatus backup worker
@@ -155,6 +156,14 @@ def proxy_drain(db: str = "") -> str:
 
 def proxy_drained(db: str, proxy_id: str = "") -> str:
     return f"{ROOT}proxy/drained/{db}/{proxy_id}"
+
+
+def metrics_collectors() -> str:
+    return ROOT + "metrics/collectors/"
+
+
+def metrics_collector(host: str) -> str:
+    return f"{ROOT}metrics/collectors/{host}"
 
 
 def repositories() -> str:
