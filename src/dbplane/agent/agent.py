@@ -29,6 +29,7 @@ from ..paths import write_private
 from ..process import RunAs
 from ..security import ca, db_secrets, tls
 from ..store import Store, keys
+from ..store.etcd import Registration
 from ..store.tls import EtcdTLS, is_https
 from ..system import check_account_can_use, port_free, postgres_bin_dir, venv_python
 from . import adopt, patroni
@@ -189,31 +190,24 @@ class Agent:
         except TimeoutError:
             pass
 
-    async def _register(self, store: Store):
-        lease = await store.lease(HOST_TTL)
-        await store.put(keys.host(self.host.name), self.host, lease=lease)
-        return lease
-
-    async def _keep_alive(self, store: Store, lease) -> None:
+    async def _keep_alive(self, registration: Registration) -> None:
         """Refresh the host's lease on its own schedule, so that a long pass (stopping a
         member can take a minute) never makes a live host look dead."""
         while True:
             await asyncio.sleep(HOST_TTL / 4)
             try:
-                await store.refresh(lease)
-                if await store.get_raw(keys.host(self.host.name)) is None:
-                    lease = await self._register(store)        # the lease expired: again
+                await registration.keep(force=True)
             except StoreUnavailable:
                 continue                                       # the pass loop reconnects
             except Exception:
-                lease = await self._register(store)
+                await registration.start()
 
     async def _serve(self, store: Store) -> None:
-        lease = await self._register(store)
+        registration = await store.register(keys.host(self.host.name), self.host, HOST_TTL)
         log.info("agent %s (zone %s) registered", self.host.name, self.host.zone)
         # hosts/: pg_hba follows the hosts that join and leave
         changes = store.changes(keys.members(), keys.ROOT + "secrets/", keys.hosts())
-        keepalive = asyncio.create_task(self._keep_alive(store, lease))
+        keepalive = asyncio.create_task(self._keep_alive(registration))
         try:
             while not self._stopping.is_set():
                 if keepalive.done():

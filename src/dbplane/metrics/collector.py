@@ -135,17 +135,11 @@ class Collector:
     async def _serve(self, store: Store) -> None:
         ttl = max(10, int(self.interval * 3))
         me = self.registration()
-        lease = await store.lease(ttl)
-        await store.put(keys.metrics_collector(self.host), me, lease=lease)
-        refreshed = key_use_reported = time.monotonic()
+        registration = await store.register(keys.metrics_collector(self.host), me, ttl)
+        key_use_reported = time.monotonic()
         try:
             while not self._stopping.is_set():
-                if time.monotonic() - refreshed > ttl / 4:
-                    await store.refresh(lease)
-                    refreshed = time.monotonic()
-                    if await store.get_raw(keys.metrics_collector(self.host)) is None:
-                        lease = await store.lease(ttl)
-                        await store.put(keys.metrics_collector(self.host), me, lease=lease)
+                await registration.keep()
                 await self.collect(store)
                 if time.monotonic() - key_use_reported > 60:     # opening secrets uses a KMS key
                     key_use_reported = time.monotonic()

@@ -183,22 +183,16 @@ class Proxy:
 
     async def _serve(self, store: Store) -> None:
         self.store, self.iam_login = store, IamLogin(store)
-        lease = await store.lease(INSTANCE_TTL)
         me = ProxyInstance(id=self.id, host=self.host, address=self.address, admin_port=self.admin_port,
                            pid=os.getpid())
-        await store.put(keys.proxy_instance(self.id), me, lease=lease)
+        registration = await store.register(keys.proxy_instance(self.id), me, INSTANCE_TTL)
         log.info("proxy %s registered (admin port %d)", self.id, self.admin_port)
         changes = store.changes(keys.databases(), keys.members(), keys.ROOT + "secrets/", keys.proxy_root(),
                                 keys.PATRONI_NAMESPACE + "/")
-        refreshed = key_use_reported = time.monotonic()
+        key_use_reported = time.monotonic()
         try:
             while not self._stopping.is_set():
-                if time.monotonic() - refreshed > INSTANCE_TTL / 4:
-                    await store.refresh(lease)
-                    refreshed = time.monotonic()
-                    if await store.get_raw(keys.proxy_instance(self.id)) is None:
-                        lease = await store.lease(INSTANCE_TTL)
-                        await store.put(keys.proxy_instance(self.id), me, lease=lease)
+                await registration.keep()
                 await self.reconcile(store)
                 if time.monotonic() - key_use_reported > 60:      # IAM token checks unseal secrets
                     key_use_reported = time.monotonic()

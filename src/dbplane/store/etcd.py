@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -239,6 +240,10 @@ class Store:
     async def refresh(self, lease) -> None:
         await lease.refresh()
 
+    async def register(self, key: str, value: BaseModel | dict | str, ttl: int) -> Registration:
+        """Put `key` under a lease of `ttl` seconds; keep it with Registration.keep()."""
+        return await Registration(self, key, value, ttl).start()
+
     def changes(self, *prefixes: str) -> ChangeSignal:
         """A signal that fires when anything under the prefixes changes."""
         return ChangeSignal(self, prefixes)
@@ -255,6 +260,32 @@ class Store:
                 log.debug("watch on %s broke (%s); re-watching", prefix, e)
                 fire()
                 await asyncio.sleep(1.0)
+
+
+class Registration:
+    """A key held under a lease while its process lives (a host, a proxy, a collector), so
+    that others see it vanish when the process dies. keep() refreshes the lease every ttl/4
+    and puts the key again under a new lease if it expired meanwhile (a long pause, an etcd
+    restart)."""
+
+    def __init__(self, store: Store, key: str, value: BaseModel | dict | str, ttl: int):
+        self.store, self.key, self.value, self.ttl = store, key, value, ttl
+        self.lease = None
+        self._refreshed = 0.0
+
+    async def start(self) -> Registration:
+        self.lease = await self.store.lease(self.ttl)
+        await self.store.put(self.key, self.value, lease=self.lease)
+        self._refreshed = time.monotonic()
+        return self
+
+    async def keep(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._refreshed <= self.ttl / 4:
+            return
+        await self.store.refresh(self.lease)
+        self._refreshed = time.monotonic()
+        if await self.store.get_raw(self.key) is None:
+            await self.start()
 
 
 class ChangeSignal:
