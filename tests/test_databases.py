@@ -171,7 +171,7 @@ def test_down_and_up_keep_data(platform):
     # Patroni starts it paused with PostgreSQL stopped; it streams once the pause ends
     moved = wait_for(lambda: (m := next(m for m in platform.describe("keep")["members"]
                                         if m["name"] == standby["name"]))["state"] == "streaming" and m,
-                     60, "the moved standby to stream")
+                     120, "the moved standby to stream")     # a new port: config, restart, catch-up
     assert moved["port"] != standby["port"]
 
     def kept_rows():

@@ -234,7 +234,8 @@ TLS_BIN_DIR = next((b for b in sorted(glob.glob("/usr/lib/postgresql/*/bin")) if
 
 @pytest.mark.skipif(TLS_BIN_DIR is None, reason="no system PostgreSQL built with OpenSSL")
 def test_nodes_accept_only_tls_and_the_api_is_https(tmp_path):
-    """A platform on a PostgreSQL built with OpenSSL, with the API over https too."""
+    """A platform on a system PostgreSQL built with OpenSSL (Debian's, instead of the embedded
+    one), with the API over https too; the engine stays the platform's across down and up."""
     p = Platform(new_data_root("dbplane-nodetls-"))
     try:
         p.up("--pg-bin-dir", TLS_BIN_DIR, "--api-tls")
@@ -263,6 +264,13 @@ def test_nodes_accept_only_tls_and_the_api_is_https(tmp_path):
                              sslrootcert=ca_file, connect_timeout=5) as c:
             # the proxy's own server connection to the node is TLS too
             assert c.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0]
+            # the system PostgreSQL chosen at the first `up` runs the database
+            major = TLS_BIN_DIR.split("/")[-2]
+            assert p.info.pg_bin_dir == TLS_BIN_DIR and d["version"] == major
+            assert c.execute("SHOW server_version").fetchone()[0].startswith(major + ".")
+            c.execute("CREATE TABLE t AS SELECT 1 AS x")
+            c.commit()
+        assert sorted(m["role"] for m in d["members"]) == ["primary", "sync_standby"]
         assert "node TLS     on (hostssl only)" in p.cli("ca", "describe").stdout
         # the API: https with a CA certificate, renewed like the others; no plaintext
         assert httpx.get(f"{api}/healthz", verify=tls.client_context(ca_file)).status_code == 200
@@ -272,8 +280,18 @@ def test_nodes_accept_only_tls_and_the_api_is_https(tmp_path):
             httpx.get(api.replace("https://", "http://") + "/healthz", timeout=5)
         assert any(c["certificate"] == "API server" and c["state"] == "valid"
                    for c in p.cli_json("ca", "describe")["certificates"])
-        p.up()                                       # without --api-tls: https is kept
-        assert p.info.api_url == api
+        # the engine is part of the platform: another one is refused, nothing changes
+        r = p.cli("up", "--pg-bin-dir", "/nonexistent", check=False)
+        assert r.returncode == 1 and "no postgres binary in" in r.stderr
+        p.down()
+        p.up()                          # no options: the recorded engine, and https is kept
+        assert p.info.api_url == api and p.info.pg_bin_dir == TLS_BIN_DIR
+        p.wait_available("sealed")
+
+        def read_back():
+            with p.connect("sealed") as conn:
+                return conn.execute("SELECT x FROM t").fetchone()
+        assert wait_for(read_back, 60, "the table to be readable after down and up") == (1,)
     finally:
         p.destroy()
 
