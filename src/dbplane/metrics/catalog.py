@@ -35,6 +35,11 @@ LABELS = {
              "fastpath, disabled",
     "device": "block device name as the kernel names it (e.g. vda)",
     "target": "what the collector scraped: a member's name, or host, proxy or backup",
+    "wait_event_type": "pg_stat_activity.wait_event_type of active sessions; CPU when not waiting, other for "
+                       "the rest beyond the top 8",
+    "wait_event": "pg_stat_activity.wait_event (e.g. transactionid, DataFileRead); CPU when not waiting",
+    "queryid": "pg_stat_activity.query_id, the pg_stat_statements queryid; other beyond the top 10, "
+               "unknown when not computed",
 }
 
 UNITS = ("seconds", "bytes", "ratio")
@@ -127,6 +132,13 @@ METRICS: tuple[Metric, ...] = (
        "pg_stat_activity: now() - min(xact_start) of client backends"),
     _g("dbplane_pg_locks_waiting", "Lock requests waiting to be granted.", MEMBER,
        "pg_locks where not granted"),
+    # -- database load (performance insights): pg_stat_activity sampled every second
+    _g("dbplane_pg_load_sessions",
+       "Average active sessions per wait event over the last 10 s (the database load).",
+       (*MEMBER, "wait_event_type", "wait_event"),
+       "pg_stat_activity sampled every second: active client sessions by wait_event_type and wait_event"),
+    _g("dbplane_pg_load_by_query_sessions", "Average active sessions per query id over the last 10 s.",
+       (*MEMBER, "queryid"), "pg_stat_activity sampled every second: active client sessions by query_id"),
     # -- replication: one series per replica (the member label names the replica)
     _g("dbplane_pg_replication_lag_bytes",
        "WAL the replica has received but not replayed, or not received yet.", MEMBER,

@@ -28,7 +28,7 @@ import httpx
 import psycopg
 
 from dbplane.errors import StoreUnavailable
-from dbplane.metrics import exposition, host, pg, services
+from dbplane.metrics import exposition, host, load, pg, services
 from dbplane.metrics.catalog import Sample
 from dbplane.metrics.history import HistoryWriter
 from dbplane.models import (
@@ -85,6 +85,9 @@ class Collector:
         self._primary: dict[str, bool] = {}             # member -> primary at its last scrape
         self._member_due: dict[str, float] = {}         # member -> monotonic time of its next scrape
         self._host_due = 0.0
+        self._load: dict[str, load.LoadWindow] = {}    # member -> its load samples since the last flush
+        self._load_due = 0.0                            # next pg_stat_activity sample (every second)
+        self._flush_due = self.clock() + load.FLUSH_SECONDS
         self._topology_at = -TOPOLOGY_EVERY
         self.members: list[MemberSpec] = []             # every database's placement
         self.mine: list[MemberSpec] = []                # the members on this host
@@ -153,7 +156,7 @@ class Collector:
     # -- scheduling: each member at its database's metrics_interval, the rest every interval
 
     def next_due(self) -> float:
-        return min([self._host_due, *self._member_due.values()])
+        return min([self._host_due, self._load_due, *self._member_due.values()])
 
     async def _refresh_topology(self, store: Store) -> None:
         """Placement, each local database's interval and its Patroni leader, read at most every
@@ -174,13 +177,15 @@ class Collector:
     async def collect(self, store: Store) -> list[Sample]:
         """Scrape what is due; keep the newest samples of every target for /metrics and append
         the new ones to the history."""
-        await self._refresh_topology(store)
+        if min([self._host_due, *self._member_due.values()]) <= self.clock():
+            await self._refresh_topology(store)      # not for the load samples alone (every second)
         now, mono = time.time(), self.clock()
         names = {m.name for m in self.mine}
         for gone in set(self._member_due) - names:
             self._member_due.pop(gone)
             self._latest.pop(gone, None)
             self._primary.pop(gone, None)
+            self._load.pop(gone, None)
         self._forget_connections(names)
         due = [m for m in self.mine if self._member_due.get(m.name, 0.0) <= mono]
         by_db: dict[str, list[MemberSpec]] = {}
@@ -194,6 +199,8 @@ class Collector:
             self._primary[m.name] = is_primary
             self._member_due[m.name] = mono + self.intervals.get(m.database, self.interval)
             fresh += member_samples
+        if self._load_due <= mono:
+            fresh += await self.sample_load(time.time(), self.clock())
         if self._host_due <= mono:
             self._host_due = mono + self.interval
             primaries = [m.database for m in self.mine if self._primary.get(m.name)]
@@ -269,6 +276,38 @@ class Collector:
         reading = await pg.read_member(mc.conn)
         self.queries += reading.queries
         return reading
+
+    async def sample_load(self, now: float, mono: float) -> list[Sample]:
+        """Performance insights (load.py): one pg_stat_activity sample of every local member
+        whose connection is open, every second; every FLUSH_SECONDS the averages as samples
+        (kept in `_latest["load"]` for /metrics, and returned for the history)."""
+        self._load_due = mono + load.SAMPLE_SECONDS
+
+        async def one(m: MemberSpec) -> None:
+            mc = self._conns.get(m.name)
+            if mc is None or mc.conn.closed:
+                return                  # the next scrape reconnects; no sample meanwhile
+            try:
+                rows = await asyncio.wait_for(load.sample(mc.conn), 1.0)
+            except Exception as e:
+                log.debug("load sample of %s: %s", m.name, e)
+                await self._drop(m.name)
+                return
+            self.queries += 1
+            self._load.setdefault(m.name, load.LoadWindow()).add(rows)
+
+        await asyncio.gather(*(one(m) for m in self.mine))
+        if mono < self._flush_due:
+            return []
+        self._flush_due = mono + load.FLUSH_SECONDS
+        out: list[Sample] = []
+        for m in self.mine:
+            window = self._load.get(m.name)
+            if window is not None:
+                role = pg.role_of(not self._primary.get(m.name, False), m.kind)
+                out += window.flush(self.member_labels(m, role), now)
+        self._latest["load"] = out
+        return out
 
     async def _drop(self, member: str) -> None:
         mc = self._conns.pop(member, None)
