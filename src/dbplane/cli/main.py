@@ -20,6 +20,7 @@ from ..parameters import parse_params
 from ..paths import Layout
 from ..security import ca, tls
 from . import allowlist_cmds, render
+from .alarm_cmds import alarms_app
 from .audit_cmds import audit_app
 from .backup_cmds import backup_app, repository_app, snapshot_app
 from .ca_cmds import ca_app
@@ -29,6 +30,7 @@ from .doctor_cmds import doctor_app
 from .iam_cmds import iam_app
 from .kms_cmds import kms_app
 from .metrics_cmds import metrics as metrics_command
+from .top_cmds import top as top_command
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="dbplane: managed PostgreSQL on your own machines.")
@@ -50,7 +52,9 @@ app.add_typer(ca_app, name="ca")
 app.add_typer(audit_app, name="audit")
 app.add_typer(iam_app, name="iam")
 app.add_typer(doctor_app, name="doctor")
+app.add_typer(alarms_app, name="alarms")
 app.command("metrics")(metrics_command)   # a database's metric history
+app.command("top")(top_command)           # performance insights, live
 
 
 @app.callback()

@@ -10,6 +10,7 @@ import socket
 import time
 from pathlib import Path
 
+from ..alarms.evaluator import AlarmEvaluator
 from ..errors import CapacityError, DbplaneError, MemberFailed, StoreUnavailable
 from ..models import DatabaseSpec, Operation, PlatformConfig
 from ..security import ca
@@ -36,6 +37,7 @@ class Controller:
         self._stopping = asyncio.Event()
         self.started_at = time.time()
         self.actions = Actions()          # long Patroni calls, shared by all passes
+        self.alarms = AlarmEvaluator(data_root)   # evaluates every alarm every 10 s while leading
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -64,6 +66,7 @@ class Controller:
             await self._sleep(PASS_INTERVAL)       # another controller leads; stand by
         log.info("controller %s is leading", self.identity)
         changes = store.changes(keys.ROOT, keys.PATRONI_NAMESPACE + "/")
+        alarms = asyncio.create_task(self.alarms.run(store, self._stopping))
         try:
             while not self._stopping.is_set():
                 await store.refresh(lease)
@@ -71,6 +74,8 @@ class Controller:
                 await changes.wait(PASS_INTERVAL)
             await store.delete(keys.controller_leader())
         finally:
+            alarms.cancel()
+            await asyncio.gather(alarms, return_exceptions=True)
             changes.close()
 
     async def snapshot(self, store: Store) -> Snapshot:

@@ -26,6 +26,7 @@ from ..security.tls import etcd_client_tls
 from ..store import Store, keys
 from ..system import postgres_major_version
 from . import restore_plan
+from .alarm_routes import router as alarm_router
 from .allowlist_routes import router as allowlist_router
 from .audit import install as install_audit
 from .audit_routes import router as audit_router
@@ -35,6 +36,7 @@ from .backup_routes import router as backup_router
 from .doctor_routes import router as doctor_router
 from .ha_routes import router as ha_router
 from .iam_routes import router as iam_router
+from .insights_routes import router as insights_router
 from .kms_routes import require_key_use
 from .kms_routes import router as kms_router
 from .metrics_routes import router as metrics_router
@@ -250,6 +252,8 @@ def create_app(etcd_url: str, data_root: Path | None = None) -> FastAPI:
     app.include_router(iam_router)     # users, roles, policies, access keys
     app.include_router(doctor_router)  # diagnoses with evidence and fix
     app.include_router(metrics_router)  # Prometheus scrape, metric history
+    app.include_router(alarm_router)    # alarms: definitions and states
+    app.include_router(insights_router)  # performance insights: load, top SQL, sessions
     app.include_router(console_router)  # the web console's static files (public)
     app.state.data_root = data_root
     return app

@@ -132,6 +132,12 @@ ROUTES: dict[tuple[str, str], tuple[str, Resource]] = {
     ("GET", "/v1/doctor/databases/{name}"): ("platform:RunDoctor", "db/{name}"),
     ("GET", "/metrics"): ("metrics:Scrape", "*"),
     ("GET", "/v1/databases/{name}/metrics"): ("db:DescribeMetrics", "db/{name}"),
+    ("GET", "/v1/alarms"): ("alarms:DescribeAlarms", "alarm/*"),
+    ("GET", "/v1/alarms/{name}"): ("alarms:DescribeAlarms", "alarm/{name}"),
+    ("GET", "/v1/alarms/{name}/history"): ("alarms:DescribeAlarms", "alarm/{name}"),
+    ("PUT", "/v1/alarms/{name}"): ("alarms:PutAlarm", "alarm/{name}"),
+    ("DELETE", "/v1/alarms/{name}"): ("alarms:DeleteAlarm", "alarm/{name}"),
+    ("GET", "/v1/databases/{name}/insights"): ("db:DescribeInsights", "db/{name}"),
 }
 
 

@@ -36,7 +36,7 @@ ACTIONS = {
            "ModifyDatabase", "Switchover", "Failover", "CreateReplica", "DeleteReplica",
            "PromoteReplica", "DescribeOperations", "DescribeEvents", "DescribeProxy",
            "ModifyProxy", "Connect", "DescribeAllowlist", "AuthorizeIngress", "RevokeIngress",
-           "ModifyAllowlist", "RotateCredentials", "DescribeMetrics"],
+           "ModifyAllowlist", "RotateCredentials", "DescribeMetrics", "DescribeInsights"],
     "backup": ["CreateSnapshot", "DescribeSnapshots", "DeleteSnapshot", "CopySnapshot",
                "VerifySnapshot", "DescribeBackup", "ModifyBackup", "DescribeDrills",
                "CreateRepository", "DescribeRepositories", "DeleteRepository"],
@@ -50,6 +50,7 @@ ACTIONS = {
     "audit": ["LookupEvents", "VerifyLog", "GetSettings", "UpdateSettings"],
     "ca": ["GetCertificate"],
     "metrics": ["Scrape"],
+    "alarms": ["DescribeAlarms", "PutAlarm", "DeleteAlarm"],
 }
 ALL_ACTIONS = [f"{service}:{name}" for service, names in ACTIONS.items() for name in names]
 
@@ -338,6 +339,6 @@ BUILTIN = {
          "Action": ["platform:Describe*", "db:Describe*", "backup:Describe*", "kms:ListKeys",
                     "kms:DescribeKey", "kms:GetKeyPolicy", "iam:List*", "iam:Get*", "audit:LookupEvents",
                     "audit:VerifyLog", "audit:GetSettings", "ca:GetCertificate",
-                    "metrics:Scrape"],
+                    "metrics:Scrape", "alarms:DescribeAlarms"],
          "Resource": "*"}]},
 }

@@ -39,6 +39,9 @@ clusters live under PATRONI_NAMESPACE, one scope per database.
   /dbplane/v1/audit/checkpoints/<seq>      Checkpoint    any audit writer (signed, every 100 / 60 s)
   /dbplane/v1/audit/anchor                 Anchor        any audit writer (signed, after trimming)
   /dbplane/v1/audit/settings               AuditSettings API (retention)
+  /dbplane/v1/alarms/<name>                AlarmSpec     API (the controller writes a database's defaults)
+  /dbplane/v1/alarm-state/<name>           AlarmState    controller (the alarm evaluator): state and history
+  /dbplane/v1/alarm-deleted/<name>         DeletedDefault API: a default alarm the user deleted, not remade
   /dbplane-patroni/<db>/...                Patroni's own keys (leader, sync, members, ...)
 """
 
@@ -277,3 +280,27 @@ def iam_db_passwords(db: str) -> str:
 
 def iam_db_password(db: str, user: str) -> str:
     return f"{ROOT}iam/db-passwords/{db}/{user}"
+
+
+def alarms() -> str:
+    return ROOT + "alarms/"
+
+
+def alarm(name: str) -> str:
+    return f"{ROOT}alarms/{name}"
+
+
+def alarm_states() -> str:
+    return ROOT + "alarm-state/"
+
+
+def alarm_state(name: str) -> str:
+    return f"{ROOT}alarm-state/{name}"
+
+
+def alarm_deleted_defaults() -> str:
+    return ROOT + "alarm-deleted/"
+
+
+def alarm_deleted_default(name: str) -> str:
+    return f"{ROOT}alarm-deleted/{name}"
