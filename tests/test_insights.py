@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -162,12 +164,16 @@ def test_a_primary_that_does_not_answer_leaves_the_route_answering(platform, db)
 
 
 def test_top_refreshes_until_ctrl_c(platform, db):
-    import subprocess
-    import sys
+    started = time.time()
     p = subprocess.Popen([sys.executable, "-m", "dbplane", "--data-dir", str(platform.root), "top", db,
                           "--interval", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "DBPLANE_API": ""})
-    time.sleep(6)
+
+    def frames_fetched() -> int:              # each frame is one audited insights call
+        r = platform.api.get("/v1/audit", params={"since": started, "action": "db:DescribeInsights",
+                                                  "resource": f"db/{db}"})
+        return len(r.json()["entries"])
+    wait_for(lambda: frames_fetched() >= 3, 30, "top to fetch its first frames")
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0 and "Traceback" not in err, err
