@@ -13,7 +13,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import DbplaneError, StoreUnavailable
+from ..errors import DbplaneError
 from ..models import (
     ArchiveStatus,
     BackupRecord,
@@ -27,6 +27,7 @@ from ..models import (
 from ..security import audit, db_secrets
 from ..security.kms import Kms, load_kms
 from ..store import Store, keys
+from ..store.etcd import serve_until
 from ..store.tls import EtcdTLS
 from .archiver import ArchiveGap, Archiver, Target
 from .housekeeping import Housekeeper
@@ -64,20 +65,8 @@ class BackupWorker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        while not self._stopping.is_set():
-            try:
-                async with Store(self.etcd_url, tls=self.etcd_tls) as store:
-                    await self._serve(store)
-            except StoreUnavailable as e:
-                log.warning("%s; retrying", e)
-                await self._sleep(2.0)
+        await serve_until(self._stopping, self.etcd_url, self.etcd_tls, self._serve)
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            pass
 
     async def _serve(self, store: Store) -> None:
         lease = await store.lease(LOCK_TTL)

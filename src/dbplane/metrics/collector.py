@@ -27,7 +27,6 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from dbplane.errors import StoreUnavailable
 from dbplane.metrics import exposition, host, load, pg, services
 from dbplane.metrics.catalog import Sample
 from dbplane.metrics.history import HistoryWriter
@@ -43,6 +42,7 @@ from dbplane.paths import Layout
 from dbplane.security import audit, db_secrets
 from dbplane.security.tls import node_libpq_options
 from dbplane.store import Store, keys
+from dbplane.store.etcd import serve_until
 from dbplane.store.tls import EtcdTLS
 
 log = logging.getLogger("dbplane.metrics")
@@ -111,13 +111,7 @@ class Collector:
         log.info("collector of %s serving https on %s:%d, every %gs", self.host, self.address, self.port,
                  self.interval)
         try:
-            while not self._stopping.is_set():
-                try:
-                    async with Store(self.etcd_url, tls=self.etcd_tls) as store:
-                        await self._serve(store)
-                except StoreUnavailable as e:
-                    log.warning("%s; retrying", e)
-                    await self._sleep(2.0)
+            await serve_until(self._stopping, self.etcd_url, self.etcd_tls, self._serve)
         finally:
             server.close()
             for mc in self._conns.values():

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from .. import pgwire as wire
-from ..errors import DbplaneError, StoreUnavailable
+from ..errors import DbplaneError
 from ..models import (
     DatabaseSecrets,
     DatabaseSpec,
@@ -36,6 +36,7 @@ from ..parameters import require_tls
 from ..security import audit, db_secrets
 from ..security.tls import ReloadingServerContext, node_context
 from ..store import Store, keys
+from ..store.etcd import serve_until
 from ..store.tls import EtcdTLS
 from . import server
 from .allowlist import Gate, Gatekeeper
@@ -162,14 +163,8 @@ class Proxy:
         self.admin_port = admin.sockets[0].getsockname()[1]
         ticker = asyncio.ensure_future(self._tick())
         try:
-            while not self._stopping.is_set():
-                try:
-                    async with Store(self.etcd_url, tls=self.etcd_tls) as store:
-                        await self._serve(store)
-                except StoreUnavailable as e:
-                    log.warning("%s; retrying (clients keep being served)", e)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), 2.0)
+            await serve_until(self._stopping, self.etcd_url, self.etcd_tls, self._serve,
+                              "retrying (clients keep being served)")
         finally:
             ticker.cancel()
             admin.close()

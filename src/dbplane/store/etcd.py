@@ -262,6 +262,20 @@ class Store:
                 await asyncio.sleep(1.0)
 
 
+async def serve_until(stopping: asyncio.Event, url: str, tls: EtcdTLS | None, serve,
+                      retrying: str = "retrying") -> None:
+    """Run `serve(store)` on a connection to etcd until `stopping` is set; when etcd goes
+    away, log it and connect again 2 s later (the long-running services' main loop)."""
+    while not stopping.is_set():
+        try:
+            async with Store(url, tls=tls) as store:
+                await serve(store)
+        except StoreUnavailable as e:
+            log.warning("%s; %s", e, retrying)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 2.0)
+
+
 class Registration:
     """A key held under a lease while its process lives (a host, a proxy, a collector), so
     that others see it vanish when the process dies. keep() refreshes the lease every ttl/4
