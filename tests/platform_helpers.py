@@ -195,4 +195,5 @@ class Platform:
 
     def destroy(self) -> None:
         self.down()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not os.environ.get("DBPLANE_TEST_KEEP_DATA"):     # =1: keep logs to investigate a failure
+            shutil.rmtree(self.root, ignore_errors=True)

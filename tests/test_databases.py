@@ -169,9 +169,14 @@ def test_down_and_up_keep_data(platform):
         platform.up()
         platform.wait_available("keep", timeout=120)
     # Patroni starts it paused with PostgreSQL stopped; it streams once the pause ends
-    moved = wait_for(lambda: (m := next(m for m in platform.describe("keep")["members"]
-                                        if m["name"] == standby["name"]))["state"] == "streaming" and m,
-                     120, "the moved standby to stream")     # a new port: config, restart, catch-up
+    def moved_and_streaming():
+        d = platform.describe("keep")
+        m = next(m for m in d["members"] if m["name"] == standby["name"])
+        if m["state"] != "streaming":    # on timeout, wait_for shows the last of these
+            raise AssertionError(f"{m['name']} is {m['state']} on port {m['port']}; "
+                                 f"database {d['status']}: {d.get('status_message')}")
+        return m
+    moved = wait_for(moved_and_streaming, 120, "the moved standby to stream")   # config, restart, catch-up
     assert moved["port"] != standby["port"]
 
     def kept_rows():

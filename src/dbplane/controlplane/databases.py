@@ -187,10 +187,13 @@ async def ensure_ports_usable(p: Pass, spec: DatabaseSpec) -> None:
         pg_port, api_port = free_ports(p, m.address, {m.pg_port, m.api_port})
         old = (m.pg_port, m.api_port)
         moved = m.model_copy(update={"pg_port": pg_port, "api_port": api_port})
+        # the status goes before the move: the agent starts the moved member at once and
+        # reports it only when its state changes, so a later delete could erase "running"
+        # for good (and a paused database would never resume)
+        await p.store.delete(keys.member_status(spec.name, m.name))
         await p.store.create_all({keys.port(m.address, pg_port): m.name,
                                   keys.port(m.address, api_port): m.name})
         await p.store.put(keys.member(spec.name, m.name), moved)
-        await p.store.delete(keys.member_status(spec.name, m.name))
         # keep the clashing ports reserved so nobody else is handed them
         await operations.record_event(p.store, spec.name, "port-conflict",
                                       f"{m.name}: port {old[0]} or {old[1]} was in use on "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..models import DatabaseSpec
+from ..models import DatabaseSpec, MemberStatus
 from ..store import keys
 from . import operations
 
@@ -18,8 +18,8 @@ async def ensure_resumed(p, spec: DatabaseSpec) -> None:
     statuses = p.snap.member_statuses(spec.name)
     live_hosts = {h.name for h in p.snap.hosts()}
     members = [m for m in p.snap.members(spec.name) if not m.deleting and m.host in live_hosts]
-    if not members or not all(statuses.get(m.name) and statuses[m.name].state == "running"
-                              for m in members):
+    # statuses written before the stop are stale: "running" from then says nothing of now
+    if not members or not all(running_since(statuses.get(m.name), float(marker)) for m in members):
         return
     status = p.snap.status(spec.name)
     if status and status.primary in {m.name for m in members}:
@@ -36,3 +36,8 @@ async def ensure_resumed(p, spec: DatabaseSpec) -> None:
     await p.store.delete(keys.paused_by_down(spec.name))
     await operations.record_event(p.store, spec.name, "resumed",
                                   "all members are back; automatic failover resumed")
+
+
+def running_since(status: MemberStatus | None, paused_at: float) -> bool:
+    """The agent reported the member's Patroni running after `dbplane down` paused it."""
+    return status is not None and status.state == "running" and status.updated_at > paused_at
