@@ -2,7 +2,8 @@
 are caused for real (connections exhausted, a deadlock, a slow query on an unindexed table,
 bloat, an idle-in-transaction session, replay on the standby held by a conflicting query,
 pg_stat_statements not loaded, WAL archiving stopped by an unwritable repository) and the
-diagnosis, evidence and fix are checked. Databases
+diagnosis, evidence and fix are checked, with the metric and the alarm transition for the
+deadlock, the lag and the archive (the connections alarm is in test_alarms.py). Databases
 here are named docdb-*."""
 
 from __future__ import annotations
@@ -23,6 +24,27 @@ pytestmark = pytest.mark.integration
 
 DB = "docdb-main"              # Multi-AZ: the standby is where replay gets held
 BARE = "docdb-nostat"          # without pg_stat_statements, with backups; filled up with connections
+
+
+def set_alarm(platform, name: str, db: str, metric: str, threshold: float, *extra: str) -> None:
+    """A 10 s period, one datapoint, against the module's 1 s samples: transitions within seconds."""
+    platform.cli("alarms", "set", name, "--database", db, "--metric", metric, "--threshold", str(threshold),
+                 "--statistic", "max", "--period", "10", "--evaluation-periods", "1", *extra)
+
+
+def alarm_state(platform, name: str, state: str, timeout: float) -> dict:
+    def reached():
+        r = platform.api.get(f"/v1/alarms/{name}")
+        r.raise_for_status()
+        return (a := r.json())["state"] == state and a
+    return wait_for(reached, timeout, f"alarm {name} to be {state}")
+
+
+def newest_value(platform, db: str, metric: str, **labels: str) -> float:
+    r = platform.api.get(f"/v1/databases/{db}/metrics", params={"metric": metric, "since": "2m"})
+    r.raise_for_status()
+    points = [p for s in r.json()["series"] if labels.items() <= s["labels"].items() for p in s["points"]]
+    return max(points)[1] if points else float("nan")
 
 
 def doctor(platform, *args: str, env: dict | None = None) -> tuple[int, list[dict], str]:
@@ -55,9 +77,10 @@ def superuser(platform, db: str, role: str = "primary", **kw) -> psycopg.Connect
 @pytest.fixture(scope="module")
 def dbs(platform):
     # both at once: the platform places and starts them in parallel
+    # metrics every second: the alarms below see a failure within seconds
     platform.cli("db", "create", DB, "--class", "micro", "--multi-az", "--no-backups",
-                 "--param", "max_standby_streaming_delay=120s")
-    platform.cli("db", "create", BARE, "--class", "micro", "--backups",
+                 "--metrics-interval", "1", "--param", "max_standby_streaming_delay=120s")
+    platform.cli("db", "create", BARE, "--class", "micro", "--backups", "--metrics-interval", "1",
                  "--param", "shared_preload_libraries=")
     try:
         platform.wait_available(DB, timeout=240)
@@ -146,7 +169,13 @@ def _deadlock(platform) -> None:
 
 
 def test_a_deadlock_is_explained_from_the_log(platform, dbs):
+    name = f"{DB}-deadlocks"                     # the default alarm, on a 10 s period
+    set_alarm(platform, name, DB, "dbplane_pg_deadlocks_total", 0)
+    alarm_state(platform, name, "OK", 60)
     _deadlock(platform)
+    fired = alarm_state(platform, name, "ALARM", 60)
+    assert fired["history"][0]["old"] == "OK" and fired["history"][0]["value"] > 0, fired["history"][0]
+    assert newest_value(platform, DB, "dbplane_pg_deadlocks_total", role="primary") >= 1
     found = wait_for(lambda: find(doctor(platform, DB)[1], "deadlocks", f"db/{DB}", "warning"), 30,
                      "the deadlock in the doctor's findings")
     f = found[0]
@@ -157,6 +186,10 @@ def test_a_deadlock_is_explained_from_the_log(platform, dbs):
 
 def test_replication_lag_held_by_a_conflicting_standby_query(platform, dbs):
     standby = platform.member(DB, "sync_standby")
+    lag_alarm = f"{DB}-replication-lag"          # the default (30 s over a minute), made quicker
+    set_alarm(platform, lag_alarm, DB, "dbplane_pg_replication_lag_seconds", 2,
+              "--treat-missing", "notBreaching")
+    alarm_state(platform, lag_alarm, "OK", 60)
     holder = superuser(platform, DB, "sync_standby", application_name="report")
     try:
         holder.execute("SELECT count(*) FROM ledger")         # keeps its lock on the standby
@@ -167,6 +200,9 @@ def test_replication_lag_held_by_a_conflicting_standby_query(platform, dbs):
         resource = f"db/{DB}/{standby['name']}"
         found = wait_for(lambda: [f for f in find(doctor(platform, DB)[1], "replication_lag", resource)
                                   if "conflicting query" in f["summary"]], 60, "replay held on the standby")
+        fired = alarm_state(platform, lag_alarm, "ALARM", 60)
+        assert fired["history"][0]["value"] > 2 and "> 2" in fired["history"][0]["reason"]
+        assert newest_value(platform, DB, "dbplane_pg_replication_lag_bytes", member=standby["name"]) > 0
         f = found[0]
         assert f["severity"] in ("warning", "critical")
         assert f"pid {holder_pid} " in f["evidence"] and "SELECT count(*) FROM ledger" in f["evidence"]
@@ -177,6 +213,7 @@ def test_replication_lag_held_by_a_conflicting_standby_query(platform, dbs):
         holder.close()
     wait_for(lambda: find(doctor(platform, DB)[1], "replication_lag", resource, "ok"), 60,
              "the standby to catch up")
+    alarm_state(platform, lag_alarm, "OK", 60)
 
 
 def test_connections_exhausted(platform, dbs):
@@ -241,6 +278,9 @@ def test_archive_outage(platform, dbs):
              "the WAL archive to stream")
     rc, findings, _ = doctor(platform, BARE)
     assert find(findings, "wal_archive", f"db/{BARE}")[0]["severity"] == "ok"
+    name = f"{BARE}-archive"                     # the default (5 minutes behind), made quicker
+    set_alarm(platform, name, BARE, "dbplane_archive_lag_seconds", 5)
+    alarm_state(platform, name, "OK", 60)
     backups = platform.root / "backups"
     mode = backups.stat().st_mode
     os.chmod(backups, 0o000)                    # the service account can no longer write
@@ -254,5 +294,9 @@ def test_archive_outage(platform, dbs):
         assert "WAL archiving fails" in found[0]["summary"]
         assert f"dbplane backup describe {BARE}" in found[0]["fix"]
         assert doctor(platform, BARE)[0] == 1
+        fired = alarm_state(platform, name, "ALARM", 60)
+        assert fired["history"][0]["value"] > 5
+        assert newest_value(platform, BARE, "dbplane_archive_lag_seconds") > 5
     finally:
         os.chmod(backups, mode)
+    alarm_state(platform, name, "OK", 90)        # the archiver retries and catches up

@@ -205,13 +205,15 @@ def db_create(name: str,
               backup_retention_days: int = typer.Option(7, help="days automated backups are kept (1-35)"),
               allow: list[str] = typer.Option([], "--allow", help="CIDR whose clients may connect "
                                               "(repeatable; default: loopback only)"),
+              metrics_interval: int = typer.Option(
+                  10, "--metrics-interval", help="seconds between metric samples of the members (1-60)"),
               wait: bool = typer.Option(False, "--wait", help="wait until available"),
               output: Output = OutputOpt):
     """Create a database."""
     op = client().post("/v1/databases", {
         "name": name, "class": instance_class, "multi_az": multi_az, "replicas": replicas,
         "storage_gb": storage_gb, "params": parse_params(param), "backups": backups,
-        "backup_retention_days": backup_retention_days,
+        "backup_retention_days": backup_retention_days, "metrics_interval": metrics_interval,
         "allowlist": [{"cidr": c} for c in allow] if allow else None})
     _started(op, wait, output)
 

@@ -56,6 +56,7 @@ class CreateDatabase(BaseModel):
     backups: bool = True
     backup_retention_days: int = Field(7, ge=1, le=35)
     allowlist: list[AllowRule] | None = None     # who may connect; None: loopback only
+    metrics_interval: int = Field(10, ge=1, le=60)   # seconds between samples (RDS --monitoring-interval)
 
     model_config = {"populate_by_name": True}
 
@@ -173,7 +174,8 @@ def create_app(etcd_url: str, data_root: Path | None = None) -> FastAPI:
                             version=postgres_major_version(),
                             backup=BackupSettings(enabled=body.backups,
                                                   retention_days=body.backup_retention_days),
-                            allowlist=rules_for_create(body.allowlist))
+                            allowlist=rules_for_create(body.allowlist),
+                            metrics_interval=body.metrics_interval)
         op = Operation(kind="create", database=body.name, params=body.model_dump(by_alias=True))
         return await create(s, spec, op)
 
@@ -191,7 +193,8 @@ def create_app(etcd_url: str, data_root: Path | None = None) -> FastAPI:
                             version=postgres_major_version(), restore=source,
                             backup=BackupSettings(enabled=body.backups,
                                                   retention_days=body.backup_retention_days),
-                            allowlist=rules_for_create(body.allowlist))
+                            allowlist=rules_for_create(body.allowlist),
+                            metrics_interval=body.metrics_interval)
         op = Operation(kind="restore", database=body.name, params=body.model_dump(by_alias=True))
         sealed = await db_secrets.sealed_json(s, keys.secrets(body.name), secrets)
         return await create(s, spec, op, {keys.secrets(body.name): sealed})
