@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 import uuid
 
 import httpx
@@ -203,6 +204,7 @@ def test_a_collector_that_does_not_answer_is_reported_down(platform):
 def test_basic_auth_with_an_access_key_on_metrics(platform):
     creds = credentials.read_profile(credentials.data_root_file(platform.root), "default")
     url = platform.info.api_url + "/metrics"
+    started = time.time()
     r = httpx.get(url, auth=(creds.key_id, creds.secret), verify=platform.verify, timeout=30)
     if not url.startswith("https://"):
         assert r.status_code == 401 and r.json()["error"]["code"] == "insecure_transport"
@@ -211,6 +213,13 @@ def test_basic_auth_with_an_access_key_on_metrics(platform):
     r = httpx.get(url, auth=(creds.key_id, creds.secret + "x"), verify=platform.verify, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_credentials"
     assert creds.secret not in r.text
+    # the refused scrape is in the audit log; the successful one is not (one every 15 s would drown it)
+    def scrape_entries():
+        r = platform.api.get("/v1/audit", params={"since": started - 1, "limit": 1000})
+        r.raise_for_status()
+        return [e for e in r.json()["entries"] if e["resource"] == "/metrics" or "Scrape" in e["action"]]
+    entries = wait_for(scrape_entries, 30, "the refused scrape in the audit log")
+    assert [e["status"] for e in entries] == [401], entries
     # basic auth is for the scrape only
     r = httpx.get(platform.info.api_url + "/v1/databases", auth=(creds.key_id, creds.secret),
                   verify=platform.verify, timeout=30)

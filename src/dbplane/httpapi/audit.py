@@ -18,6 +18,10 @@ from ..security import audit
 from .auth import PUBLIC
 
 MAX_ERROR_BODY = 8192              # an error body longer than this is not parsed for its code
+# Successful reads of these are not recorded: the public routes carry no data and name nobody,
+# and Prometheus scrapes /metrics every 15 s, which would drown the log (CloudTrail leaves such
+# high-volume reads out by default too). Refused or failed calls of them are recorded.
+UNRECORDED_READS = PUBLIC | {"/metrics"}
 
 
 def install(app: FastAPI) -> None:
@@ -86,8 +90,8 @@ class AuditMiddleware:
         state = scope.get("state") or {}
         route = scope.get("route")
         template = getattr(route, "path", None) or scope["path"]
-        if template in PUBLIC and scope["method"] in ("GET", "HEAD") and status < 400:
-            return          # health probes and the console's files: no data, nobody to name
+        if template in UNRECORDED_READS and scope["method"] in ("GET", "HEAD") and status < 400:
+            return
         client = scope.get("client")
         await audit.record_call(
             store, principal=state.get("principal"),
