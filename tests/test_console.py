@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from platform_helpers import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 PREFIX = "console-"
+# CPU-heavy (a few hundred ms), so that it leads top SQL and the load has CPU bars
+INSIGHTS_SQL = "select count(*) from generate_series(1, 2000000) g where g % 7 = 3 /* console-insights */"
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed "
@@ -250,12 +253,71 @@ def test_restricted_user_sees_access_denied(platform, page, console_url, databas
         assert "Access denied" in text and "access_denied" in text
         assert f"user/{user} is not allowed to backup:CreateSnapshot on db/{database}" in text
         assert "Hint:" in text
+        denied = page.locator("#alarms [role=alert]")           # no alarms:DescribeAlarms: the panel says so
+        denied.wait_for()
+        assert "Access denied" in denied.inner_text() and "alarms:DescribeAlarms" in denied.inner_text()
         screenshot(page, "access-denied")
     finally:
         admin.delete(f"/v1/iam/access-keys/{key['id']}")
         admin.delete(f"/v1/iam/users/{user}/policies/{policy}")
         admin.delete(f"/v1/iam/users/{user}")
         admin.delete(f"/v1/iam/policies/{policy}")
+
+
+def test_alarms_and_performance_insights(platform, page, console_url, admin_key, database):
+    """The Alarms page lists the database's default alarms with their state, ALARM first; an
+    alarm's page shows its state history; the database page lists its alarms and its
+    performance insights: load bars by wait event and, in top SQL, a statement run here."""
+    stop = threading.Event()
+
+    def burn():
+        with platform.connect_node(database, autocommit=True) as conn:
+            for _ in range(1000):                      # bounded: a few minutes at most
+                if stop.is_set():
+                    break
+                conn.execute(INSIGHTS_SQL)
+    worker = threading.Thread(target=burn)
+    worker.start()
+    try:
+        sign_in(page, console_url, admin_key.key_id, admin_key.secret)
+        page.get_by_role("navigation", name="Main").get_by_role("link", name="Alarms").click()
+        page.get_by_role("heading", name="Alarms", exact=True, level=1).wait_for()
+        alarm = f"{database}-connections"
+        row = page.locator(f"#alarm-list tr[data-alarm='{alarm}']")
+        row.wait_for(timeout=30_000)               # the controller makes the defaults once it is available
+        assert row.locator(".badge").get_attribute("data-status") in ("OK", "ALARM", "INSUFFICIENT_DATA")
+        assert "max(dbplane_pg_connections / dbplane_pg_max_connections) > 0.8" in row.inner_text()
+        rows = page.locator("#alarm-list tbody tr[data-alarm]")
+        states = rows.evaluate_all("rows => rows.map((r) => r.dataset.state)")
+        order = ["ALARM", "INSUFFICIENT_DATA", "OK"]
+        assert states == sorted(states, key=order.index), states
+        screenshot(page, "alarms")
+
+        row.get_by_role("link", name=alarm).click()
+        page.get_by_role("heading", name=alarm, exact=True).wait_for()
+        change = page.locator("#alarm-history tr[data-change]").first
+        change.wait_for(timeout=60_000)            # its first evaluation with data: INSUFFICIENT_DATA -> OK
+        assert change.locator(".badge").count() == 2
+        history = platform.api.get(f"/v1/alarms/{alarm}").json()["history"]
+        assert change.get_attribute("data-change") in {f"{c['old']}>{c['new']}" for c in history}
+        screenshot(page, "alarm")
+
+        page.locator("#alarm-definition").get_by_role("link", name=database).click()
+        page.get_by_role("heading", name=database, exact=True).wait_for()
+        page.locator(f"#alarms tr[data-alarm='{alarm}'] [data-status]").wait_for()
+        insights = page.locator("#insights")
+        statement = insights.locator("tr[data-query]", has_text="console-insights")
+        statement.wait_for(timeout=60_000)         # the panel refreshes every 15 s
+        assert "generate_series" in statement.inner_text()
+        # attached, not "visible": a thin bar may have an empty bounding box
+        insights.locator("figure[data-chart=load] svg rect[data-wait=CPU]").first.wait_for(
+            state="attached", timeout=60_000)
+        assert int(insights.locator("figure[data-chart=load]").get_attribute("data-bars")) > 0
+        assert insights.locator("tr[data-wait-event='CPU:CPU']").count() == 1
+        screenshot(page, "insights")
+    finally:
+        stop.set()
+        worker.join(30)
 
 
 def test_pasted_session_token_signs_in(platform, page, console_url):

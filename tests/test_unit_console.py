@@ -109,13 +109,25 @@ async def _check_routes(client: httpx.AsyncClient) -> None:
     assert (await client.get("/v1/databases")).status_code == 401
 
 
+def _copy_modules(where: Path) -> None:
+    """The console's modules as node loads them (ES modules; nothing touches the DOM on import)."""
+    for path in STATIC_DIR.glob("*.js"):
+        (where / path.name).write_text(path.read_text())
+    (where / "package.json").write_text('{"type": "module"}')
+
+
+def _node(where: Path, script: str, *args: str):
+    (where / "run.js").write_text(script)
+    r = subprocess.run([NODE, "run.js", *args], capture_output=True, text=True, timeout=30, cwd=where)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 @pytest.mark.skipif(NODE is None, reason="node is not installed")
 def test_chart_data_sums_states_and_rates_counters(tmp_path):
     """metrics.js draws connections summed per member and counters as per-second rates,
     with a counter reset counted from 0 (as Prometheus' rate())."""
-    for name in ("metrics.js", "api.js", "dom.js", "signing.js"):
-        (tmp_path / name).write_text((STATIC_DIR / name).read_text())
-    (tmp_path / "package.json").write_text('{"type": "module"}')
+    _copy_modules(tmp_path)
     series = [
         {"name": "dbplane_pg_connections", "labels": {"member": "db-1", "state": "idle"},
          "points": [[100, 2], [110, 3]]},
@@ -126,16 +138,59 @@ def test_chart_data_sums_states_and_rates_counters(tmp_path):
         {"name": "dbplane_pg_xact_commit_total", "labels": {"member": "db-1"},
          "points": [[100, 50], [110, 150], [120, 20]]},
     ]
-    (tmp_path / "run.js").write_text("""
+    connections, commits = _node(tmp_path, """
 import { perMember } from "./metrics.js";
 const series = JSON.parse(process.argv[2]);
 const plain = (m) => Object.fromEntries(m);
 console.log(JSON.stringify([plain(perMember(series, "dbplane_pg_connections")),
                             plain(perMember(series, "dbplane_pg_xact_commit_total", true))]));
-""")
-    r = subprocess.run([NODE, "run.js", json.dumps(series)], capture_output=True, text=True, timeout=30,
-                       cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    connections, commits = json.loads(r.stdout)
+""", json.dumps(series))
     assert connections == {"db-1": [[100, 3], [110, 4]], "db-2": [[100, 5]]}
     assert commits == {"db-1": [[110, 10], [120, 2]]}
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_alarms_list_alarm_first_with_the_cli_condition(tmp_path):
+    """alarms.js lists ALARM, then INSUFFICIENT_DATA, then OK (by name within a state) and
+    writes the condition as `dbplane alarms list` does (cli/alarm_cmds.py)."""
+    from dbplane.cli.alarm_cmds import condition
+    _copy_modules(tmp_path)
+    alarms = [{"name": n, "state": s} for n, s in
+              [("b-ok", "OK"), ("a-ok", "OK"), ("z-alarm", "ALARM"), ("c-insufficient", "INSUFFICIENT_DATA"),
+               ("a-alarm", "ALARM")]]
+    spec = {"metric": "dbplane_pg_connections", "labels": {"role": "primary"},
+            "denominator": "dbplane_pg_max_connections", "statistic": "max", "comparison": ">",
+            "threshold": 0.8, "period": 60, "evaluation_periods": 5, "datapoints_to_alarm": 3}
+    order, text, values = _node(tmp_path, """
+import { condition, formatValue, sortAlarms } from "./alarms.js";
+const [alarms, spec] = JSON.parse(process.argv[2]);
+console.log(JSON.stringify([sortAlarms(alarms).map((a) => a.name), condition(spec),
+                            [formatValue(null), formatValue(0.123456), formatValue(2)]]));
+""", json.dumps([alarms, spec]))
+    assert order == ["a-alarm", "z-alarm", "c-insufficient", "a-ok", "b-ok"]
+    assert text == condition(spec) == \
+        "max(dbplane_pg_connections{role=primary} / dbplane_pg_max_connections) > 0.8 for 3 of 5 x 60 s"
+    assert values == ["—", "0.1235", "2"]
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_load_bars_add_up_the_members_average_active_sessions(tmp_path):
+    """insights.js bins the API's load timeline (two members' 10 s flushes side by side) into
+    bars of the database's average active sessions: the two members' loads add up, a raw
+    point stands for 10 s; beyond 1 h the points are step averages and stand for the step."""
+    _copy_modules(tmp_path)
+    # 15 minutes: bars of 20 s; member A flushes at :00, :10, B at :03, :13
+    raw = [[1000, {"CPU": 1.0}], [1003, {"CPU": 0.5, "Lock": 2.0}], [1010, {"CPU": 1.0}],
+           [1013, {"CPU": 0.5}], [1020, {"CPU": 3.0}]]
+    stepped = [[7200, {"CPU": 2.0}], [7440, {"CPU": 1.0, "IO": 0.5}]]      # 24 h: step 240 s
+    raw_bars, step_bars = _node(tmp_path, """
+import { loadBars } from "./insights.js";
+const [raw, stepped] = JSON.parse(process.argv[2]);
+console.log(JSON.stringify([loadBars(raw, 200, 1100), loadBars(stepped, 0, 86400)]));
+""", json.dumps([raw, stepped]))
+    assert raw_bars["width"] == 20
+    assert raw_bars["bars"] == [{"start": 1000, "byType": {"CPU": 1.5, "Lock": 1.0}},
+                                {"start": 1020, "byType": {"CPU": 1.5}}]
+    assert step_bars["width"] == 1440                  # 240 s x 6: at most 60 bars over 24 h
+    assert step_bars["bars"] == [{"start": 7200, "byType": {"CPU": pytest.approx(0.5),
+                                                            "IO": pytest.approx(0.5 / 6)}}]

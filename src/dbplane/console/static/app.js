@@ -1,11 +1,14 @@
-// The console's shell: hash routes (#/databases, #/databases/NAME), the signed-in
-// principal in the top bar, and sign-in whenever there is no valid session token.
+// The console's shell: hash routes (#/databases, #/databases/NAME, #/alarms,
+// #/alarms/NAME), the signed-in principal in the top bar, and sign-in whenever there is no
+// valid session token.
 
+import { renderAlarm, renderAlarms } from "./alarms.js";
 import { onSignedOut, session } from "./api.js";
 import { renderDatabase } from "./database.js";
 import { renderDatabases } from "./databases.js";
 import { renderSignIn } from "./signin.js";
 
+const PAGE = /^#\/(alarms|databases)(?:\/([^/]+))?$/;     // #/section or #/section/NAME
 let current = null;
 let signInMessage = "";
 
@@ -33,14 +36,18 @@ function route() {
     } });
     return;
   }
-  const match = location.hash.match(/^#\/databases\/([^/]+)$/);
+  const [, section = "databases", item] = location.hash.match(PAGE) || [];
   for (const link of document.querySelectorAll("[data-nav]")) {
-    link.setAttribute("aria-current", "page");
+    if (link.dataset.nav === section) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
   }
-  if (match) {
-    const name = decodeURIComponent(match[1]);
+  const name = item ? decodeURIComponent(item) : null;
+  if (name) {
     document.title = `${name} · dbplane console`;
-    current = renderDatabase(main, name);
+    current = section === "alarms" ? renderAlarm(main, name) : renderDatabase(main, name);
+  } else if (section === "alarms") {
+    document.title = "Alarms · dbplane console";
+    current = renderAlarms(main);
   } else {
     document.title = "Databases · dbplane console";
     current = renderDatabases(main);

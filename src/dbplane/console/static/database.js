@@ -1,10 +1,13 @@
 // One database: status, actions, topology (members by zone, roles, lag), endpoints,
-// metrics (charts from GET /v1/databases/{name}/metrics, metrics.js), operations,
-// events, backups and snapshots. Each panel loads on its own: a call the caller's
-// policies refuse shows the API's message in that panel, the others still load.
+// its alarms (alarms.js), metrics (charts from GET /v1/databases/{name}/metrics,
+// metrics.js), performance insights (insights.js), operations, events, backups and
+// snapshots. Each panel loads on its own: a call the caller's policies refuse shows the
+// API's message in that panel, the others still load.
 
+import { alarmsTable } from "./alarms.js";
 import { api, enc } from "./api.js";
 import { badge, errorBox, formatBytes, h, mono, panel, table, when } from "./dom.js";
+import { runInsights } from "./insights.js";
 import { runMetrics } from "./metrics.js";
 import { renderOperation, trackOperation, trackSnapshot } from "./tracker.js";
 
@@ -40,14 +43,17 @@ export function renderDatabase(main, name) {
   const panels = {
     summary: panel("summary", "Summary"),
     topology: panel("topology", "Topology"),
+    alarms: panel("alarms", "Alarms", h("a", { href: "#/alarms", class: "panel-link" }, "all alarms")),
     metrics: panel("metrics", "Metrics"),
+    insights: panel("insights", "Performance insights"),
     operations: panel("operations", "Operations"),
     events: panel("events", "Events"),
     backups: panel("backups", "Backups and snapshots"),
   };
   main.replaceChildren(heading, sentence, actions.element,
     h("div", { class: "panels" }, panels.summary.section, panels.topology.section),
-    panels.metrics.section, panels.operations.section, panels.events.section, panels.backups.section);
+    panels.alarms.section, panels.metrics.section, panels.insights.section, panels.operations.section,
+    panels.events.section, panels.backups.section);
 
   let timer = null;
   let disposed = false;
@@ -61,6 +67,7 @@ export function renderDatabase(main, name) {
       api("GET", `/v1/operations?database=${enc(name)}`),
       api("GET", `/v1/events?database=${enc(name)}&limit=50`),
       api("GET", `/v1/snapshots?database=${enc(name)}`),
+      api("GET", `/v1/alarms?database=${enc(name)}`),
     ];
     const results = await Promise.allSettled(calls);
     if (disposed || mine !== latest) return;
@@ -71,7 +78,7 @@ export function renderDatabase(main, name) {
     }
   }
 
-  function render(db, hosts, ops, events, snaps) {
+  function render(db, hosts, ops, events, snaps, alarms) {
     if (db.status === "fulfilled") {
       const d = db.value;
       document.getElementById("db-status").replaceChildren(badge(d.status));
@@ -83,6 +90,7 @@ export function renderDatabase(main, name) {
       panels.summary.body.replaceChildren(errorBox(db.reason));
       panels.topology.body.replaceChildren();
     }
+    panels.alarms.body.replaceChildren(settled(alarms, (a) => alarmsTable(a, false)));
     panels.operations.body.replaceChildren(settled(ops, operationsTable));
     panels.events.body.replaceChildren(settled(events, eventsTable));
     panels.backups.body.replaceChildren(db.status === "fulfilled" ? backupSummary(db.value.backup) : "",
@@ -90,7 +98,11 @@ export function renderDatabase(main, name) {
   }
   refresh();
   const metrics = runMetrics(panels.metrics.body, panels.metrics.section.querySelector(".panel-head"), name);
-  return { dispose() { disposed = true; clearTimeout(timer); actions.stop(); metrics.stop(); } };
+  const insights = runInsights(panels.insights.body, panels.insights.section.querySelector(".panel-head"),
+    name);
+  return {
+    dispose() { disposed = true; clearTimeout(timer); actions.stop(); metrics.stop(); insights.stop(); },
+  };
 }
 
 function settled(result, render) {

@@ -9,7 +9,7 @@ import { errorBox, formatBytes, h } from "./dom.js";
 const REFRESH_MS = 15000;
 const RANGES = ["15m", "1h", "6h", "24h"];
 const SVG_NS = "http://www.w3.org/2000/svg";
-const PALETTE = ["#1f5fbf", "#1a7f37", "#8250df", "#b35900", "#b42318", "#0a7c86"];
+export const PALETTE = ["#1f5fbf", "#1a7f37", "#8250df", "#b35900", "#b42318", "#0a7c86", "#6e7781"];
 const W = 480;
 const H = 150;
 const PAD = { left: 58, right: 8, top: 8, bottom: 22 };
@@ -25,7 +25,7 @@ const CHARTS = [
   { metric: "dbplane_member_up", title: "Member up (1) or unreachable (0)", unit: "up" },
 ];
 
-function svg(tag, attrs, ...children) {
+export function svg(tag, attrs, ...children) {
   const el = document.createElementNS(SVG_NS, tag);
   for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, String(v));
   for (const c of children) if (c !== null && c !== undefined) el.append(c instanceof Node ? c : String(c));
@@ -89,6 +89,24 @@ function clock(t) {
   return new Date(t * 1000).toISOString().slice(11, 16);
 }
 
+// An empty chart: an SVG with three horizontal grid lines labelled 0, top / 2 and top by
+// `label(v)`, and the time axis from since to until; x(t) and y(v) place points in it.
+// Shared by the metric charts and the load chart (insights.js).
+export function plotFrame(ariaLabel, since, until, top, label) {
+  const x = (t) => PAD.left + ((t - since) / Math.max(1, until - since)) * (W - PAD.left - PAD.right);
+  const y = (v) => H - PAD.bottom - (v / top) * (H - PAD.top - PAD.bottom);
+  const plot = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: "chart-svg",
+    "aria-label": ariaLabel });
+  for (const v of [0, top / 2, top]) {
+    plot.append(svg("line", { x1: PAD.left, x2: W - PAD.right, y1: y(v), y2: y(v), class: "grid-line" }),
+      svg("text", { x: PAD.left - 4, y: y(v) + 4, "text-anchor": "end", class: "axis" }, label(v)));
+  }
+  for (const [t, anchor] of [[since, "start"], [(since + until) / 2, "middle"], [until, "end"]]) {
+    plot.append(svg("text", { x: x(t), y: H - 6, "text-anchor": anchor, class: "axis" }, `${clock(t)}Z`));
+  }
+  return { plot, x, y };
+}
+
 function chart(spec, data, since, until, step, limits) {
   const lines = perMember(data, spec.metric, spec.counter);
   const all = [...lines.values()].flat();
@@ -101,20 +119,10 @@ function chart(spec, data, since, until, step, limits) {
     return figure;
   }
   const top = spec.unit === "up" ? 1 : Math.max(...all.map((p) => p[1])) * 1.15 || 1;
-  const x = (t) => PAD.left + ((t - since) / Math.max(1, until - since)) * (W - PAD.left - PAD.right);
-  const y = (v) => H - PAD.bottom - (v / top) * (H - PAD.top - PAD.bottom);
   const latest = [...lines.entries()]
     .map(([m, p]) => `${m} ${p.length ? formatValue(p.at(-1)[1], spec.unit) : "—"}`);
-  const plot = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: "chart-svg",
-    "aria-label": `${spec.title}: latest ${latest.join(", ")}` });
-  for (const v of [0, top / 2, top]) {
-    plot.append(svg("line", { x1: PAD.left, x2: W - PAD.right, y1: y(v), y2: y(v), class: "grid-line" }),
-      svg("text", { x: PAD.left - 4, y: y(v) + 4, "text-anchor": "end", class: "axis" },
-        formatValue(spec.unit === "count" ? Math.round(v) : v, spec.unit)));
-  }
-  for (const [t, anchor] of [[since, "start"], [(since + until) / 2, "middle"], [until, "end"]]) {
-    plot.append(svg("text", { x: x(t), y: H - 6, "text-anchor": anchor, class: "axis" }, `${clock(t)}Z`));
-  }
+  const { plot, x, y } = plotFrame(`${spec.title}: latest ${latest.join(", ")}`, since, until, top,
+    (v) => formatValue(spec.unit === "count" ? Math.round(v) : v, spec.unit));
   const gap = Math.max(3 * (step || 10), 35);
   [...lines.entries()].forEach(([, points], i) => {
     const colour = PALETTE[i % PALETTE.length];
