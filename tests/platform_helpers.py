@@ -65,6 +65,18 @@ def signed_client(api_url: str, root: Path, profile: str = "default") -> httpx.C
                         verify=verify_for(api_url, ca.cert_path(root)))    # https: the platform CA
 
 
+def iam_user_client(platform: Platform, name: str, iam_document: dict) -> httpx.Client:
+    """A new IAM user with one policy of its own and an access key; a client signed with it."""
+    api = platform.api
+    assert api.post("/v1/iam/users", json={"name": name}).status_code == 201
+    r = api.post("/v1/iam/policies", json={"name": f"{name}-policy", "document": json.dumps(iam_document)})
+    assert r.status_code == 201, r.text
+    api.post(f"/v1/iam/users/{name}/policies", json={"policy": f"{name}-policy"}).raise_for_status()
+    key = api.post(f"/v1/iam/users/{name}/access-keys").json()
+    return httpx.Client(base_url=platform.info.api_url, timeout=30, verify=platform.verify,
+                        auth=SigningAuth(key["id"], key["secret_access_key"]))
+
+
 class Platform:
     def __init__(self, root: Path):
         self.root = root

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from dbplane.store import keys
-from platform_helpers import one_line_error, wait_for
+from platform_helpers import iam_user_client, one_line_error, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -109,6 +109,16 @@ def test_a_metric_without_data_is_insufficient_data(platform, db):
     assert platform.api.get(f"/v1/alarms/{name}").status_code == 404
 
 
+def test_the_list_shows_a_user_only_the_alarms_it_may_describe(platform, db):
+    viewer = iam_user_client(platform, f"{PREFIX}viewer-{uuid.uuid4().hex[:4]}", {
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "alarms:DescribeAlarms",
+                                                "Resource": f"alarm/{db}-c*"}]})
+    r = viewer.get("/v1/alarms")
+    assert r.status_code == 200, r.text
+    assert {a["name"] for a in r.json()} == {f"{db}-connections", f"{db}-cpu"}
+    assert viewer.get(f"/v1/alarms/{db}-storage").status_code == 403
+
+
 def test_deleting_a_default_records_it(platform, db):
     name = f"{db}-deadlocks"
     platform.cli("alarms", "delete", name)
@@ -149,6 +159,9 @@ def test_too_many_connections_alarm_then_ok(platform, db, webhook):
              "the webhook POST for OK")
     out = platform.cli("alarms", "describe", name).stdout
     assert "ALARM -> OK" in out and "OK -> ALARM" in out
+    # the webhook's token is never shown: scheme, host and port only
+    assert f"{url.rsplit('/hooks/', 1)[0]}/..." in out and "T0KEN-SECRET" not in out
+    assert "T0KEN-SECRET" not in platform.api.get("/v1/alarms", params={"database": db}).text
     log = (platform.root / "logs").glob("controller*.log")
     assert not any("T0KEN-SECRET" in p.read_text(errors="replace") for p in log)
     assert platform.etcd.get(keys.alarm(f"{db}-deadlocks")) is None     # a deleted default stays deleted

@@ -14,9 +14,8 @@ import pytest
 
 from dbplane.models import BackupRecord, KmsKey
 from dbplane.security import key_policy, kms
-from dbplane.security.signing import SigningAuth
 from dbplane.store import keys
-from platform_helpers import one_line_error, wait_for
+from platform_helpers import iam_user_client, one_line_error, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,18 +32,6 @@ def document(*statements: dict) -> str:
 
 def allow(principal, action="kms:*", **extra) -> dict:
     return {"Effect": "Allow", "Principal": principal, "Action": action, "Resource": "*", **extra}
-
-
-def user(platform, name: str, iam_document: dict) -> httpx.Client:
-    """A user with one policy of its own and an access key; a client signed with it."""
-    api = platform.api
-    assert api.post("/v1/iam/users", json={"name": name}).status_code == 201
-    r = api.post("/v1/iam/policies", json={"name": f"{name}-policy", "document": json.dumps(iam_document)})
-    assert r.status_code == 201, r.text
-    api.post(f"/v1/iam/users/{name}/policies", json={"policy": f"{name}-policy"}).raise_for_status()
-    key = api.post(f"/v1/iam/users/{name}/access-keys").json()
-    return httpx.Client(base_url=platform.info.api_url, timeout=30, verify=platform.verify,
-                        auth=SigningAuth(key["id"], key["secret_access_key"]))
 
 
 def new_key(platform, alias: str, policy: str | None = None, **put) -> dict:
@@ -77,13 +64,13 @@ def fake_snapshot(platform, snapshot_id: str, key_id: str) -> str:
 @pytest.fixture(scope="module")
 def bob(platform):
     """IAM allows bob every kms:, backup: and db: action."""
-    return user(platform, f"{PREFIX}bob", IAM_ALLOWS_ALL)
+    return iam_user_client(platform, f"{PREFIX}bob", IAM_ALLOWS_ALL)
 
 
 @pytest.fixture(scope="module")
 def alice(platform):
     """IAM allows alice to create repositories and copy snapshots, nothing on keys."""
-    return user(platform, f"{PREFIX}alice", NO_KMS)
+    return iam_user_client(platform, f"{PREFIX}alice", NO_KMS)
 
 
 @pytest.fixture(scope="module")

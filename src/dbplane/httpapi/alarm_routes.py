@@ -14,7 +14,7 @@ import time
 
 from fastapi import APIRouter, Request
 
-from ..alarms.model import AlarmSpec, AlarmState, DeletedDefault, validate
+from ..alarms.model import AlarmSpec, AlarmState, DeletedDefault, redact, validate
 from ..errors import InvalidInput, NotFound
 from ..models import DatabaseSpec
 from ..store import keys
@@ -26,6 +26,7 @@ STATES = ("OK", "ALARM", "INSUFFICIENT_DATA")
 
 def view(spec: AlarmSpec, state: AlarmState | None, history: bool = False) -> dict:
     out = spec.model_dump()
+    out["webhooks"] = [redact(u) for u in spec.webhooks]    # their paths often carry a token
     out["datapoints_to_alarm"] = spec.needed
     s = state or AlarmState(name=spec.name, database=spec.database, since=spec.updated_at)
     out.update(state=s.state, reason=s.reason, state_since=s.since, evaluated_at=s.evaluated_at or None,

@@ -26,7 +26,7 @@ from . import basic_auth
 
 PUBLIC = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 PUBLIC |= {"/console", "/console/{path:path}"}   # the console's static files: no data in them
-FILTERED_LISTS = {"db/*"}      # list calls that show each caller the items it may see
+FILTERED_LISTS = {"db/*", "alarm/*"}    # list calls that show each caller the items it may see
 WHOAMI = "/v1/whoami"          # any valid signature may ask who it is (like sts get-caller-identity)
 SESSION_TOKEN = "/v1/session-token"  # any valid signature may ask for a token (like sts get-session-token)
 
