@@ -255,3 +255,37 @@ def test_a_member_that_stops_answering_is_down_not_stale(platform, db):
                 os.kill(p.pid, signal.SIGCONT)
     wait_for(lambda: one(scrape(platform)[1], "dbplane_member_up", database=db, member=standby["name"]) == 1,
              4 * INTERVAL, f"{standby['name']} to be up again")
+
+
+def test_the_collector_serves_the_logs_of_its_own_members_only(platform, db):
+    """GET /log on the standby's host's collector: the end of the standby's Patroni log and its
+    disk; a name that is not a member's is refused (400), one on another host is unknown (404);
+    without the platform's certificate, no answer (the handshake fails)."""
+    standby = members(platform, db)["sync_standby"]
+    other = next(h for h in sorted(HOSTS) if h != standby["host"])
+    logfile = platform.layout.host_dir(standby["host"]) / "members" / standby["name"] / "patroni.log"
+    line = logfile.read_text(errors="replace").rstrip("\n").rsplit("\n", 1)[-1]
+    assert line
+
+    def collector(host: str) -> str:
+        c = CollectorInstance.model_validate_json(platform.etcd.get(keys.metrics_collector(host)))
+        return f"https://{c.address}:{c.port}/log"
+    etcd_tls = etcd_client_tls(platform.root)
+    ctx = client_context(ca.cert_path(platform.root))
+    ctx.load_cert_chain(etcd_tls.cert, etcd_tls.key)
+    with httpx.Client(verify=ctx, timeout=10) as http:
+        r = http.get(collector(standby["host"]), params={"member": standby["name"]})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert (got["host"], got["member"]) == (standby["host"], standby["name"])
+        assert line in got["text"]
+        assert got["disk"]["path"].endswith(f"/members/{standby['name']}/data") and got["disk"]["total"] > 0
+        for params, status in (({"member": "../x"}, 400), ({"member": f"/{standby['name']}"}, 400),
+                               ({"member": f"{db}-999"}, 404)):
+            r = http.get(collector(standby["host"]), params=params)
+            assert r.status_code == status and r.json()["error"], (params, r.text)
+        r = http.get(collector(other), params={"member": standby["name"]})
+        assert r.status_code == 404, r.text
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(collector(standby["host"]), params={"member": standby["name"]},
+                  verify=client_context(ca.cert_path(platform.root)), timeout=5).raise_for_status()

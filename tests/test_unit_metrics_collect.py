@@ -353,3 +353,115 @@ def test_each_member_follows_its_database_interval(tmp_path, monkeypatch):
     asyncio.run(run(1))
     assert 'member="slow-1"' not in c.latest_text and "dbplane_host_cpu_usage_ratio" in c.latest_text
     c.history.close()
+
+
+def test_log_query_parameters():
+    from dbplane.metrics import member_log
+    assert member_log.parse_log_query("member=orders-1") == ("orders-1", member_log.DEFAULT_TAIL_BYTES)
+    assert member_log.parse_log_query("member=orders-12&bytes=100") == ("orders-12", 100)
+    assert member_log.parse_log_query("member=a1-2&bytes=99999999999") == ("a1-2", member_log.MAX_TAIL_BYTES)
+    for bad in ("", "member=", "bytes=10", "member=orders", "member=../x", "member=..%2Fx",
+                "member=orders-1/..", "member=/etc/passwd", "member=%2Fetc%2Fpasswd", "member=orders-1%00",
+                "member=Orders-1", "member=.orders-1", "member=orders-1&bytes=-5", "member=orders-1&bytes=0",
+                "member=orders-1&bytes=1e3", "member=orders-1&bytes=abc"):
+        with pytest.raises(ValueError):
+            member_log.parse_log_query(bad)
+
+
+def test_the_doctor_and_insights_tails_fit_the_collectors_limit():
+    from dbplane.doctor import diagnose
+    from dbplane.metrics import insights_read, member_log
+    assert diagnose.LOG_TAIL_BYTES == member_log.DEFAULT_TAIL_BYTES
+    assert insights_read.LOG_TAIL_BYTES <= member_log.MAX_TAIL_BYTES
+
+
+def _members_dirs(root):
+    """host-a has orders-1 (with a log) and orders-3, a symlink to host-b's orders-2."""
+    a, b = root / "hosts" / "host-a" / "members", root / "hosts" / "host-b" / "members"
+    (a / "orders-1" / "data").mkdir(parents=True)
+    (a / "orders-1" / "patroni.log").write_text("".join(f"line {i}\n" for i in range(1000)))
+    (b / "orders-2").mkdir(parents=True)
+    (b / "orders-2" / "patroni.log").write_text("host-b's secret\n")
+    (a / "orders-3").symlink_to(b / "orders-2")
+
+
+def test_a_collector_reads_only_its_own_hosts_members(tmp_path):
+    from dbplane.metrics import member_log
+    _members_dirs(tmp_path)
+    got = member_log.read(tmp_path, "host-a", "orders-1", 9)
+    assert got["text"] == "line 999\n" and got["host"] == "host-a" and got["member"] == "orders-1"
+    assert got["disk"]["path"].endswith("/hosts/host-a/members/orders-1/data")
+    assert 0 < got["disk"]["free"] <= got["disk"]["total"]
+    assert member_log.read(tmp_path, "host-a", "orders-1", 10**9)["text"].startswith("line 0\n")
+    for member in ("orders-2", "orders-3", "orders-9", "../orders-1", "/etc", "..", ""):
+        with pytest.raises(member_log.UnknownMember):
+            member_log.member_dir(tmp_path, "host-a", member)
+    assert member_log.read_tail(tmp_path / "missing.log", 10) == ""
+
+
+class _CollectorStore:
+    def __init__(self, found):
+        self.found = found
+
+    async def list(self, prefix, model):
+        from dbplane.store import keys
+        assert prefix == keys.metrics_collectors()
+        return list(self.found)
+
+
+def test_member_logs_through_the_collectors_log_endpoint(tmp_path):
+    """The real https server (a CA made for the test) and remote.member_logs as the doctor
+    calls it: a member's tail and disk; 400 for a name that is not a member's, 404 for one
+    not on the host; a host with no collector and one whose collector is gone each leave an
+    error, never an exception."""
+    import asyncio
+    import socket
+
+    from dbplane.models import CollectorInstance
+    from dbplane.security import ca, tls
+
+    _members_dirs(tmp_path)
+    ca.ensure_ca(tmp_path)
+    tls.ensure_leaf(tmp_path, *server.certificate(tmp_path, "host-a"), ["127.0.0.1", "localhost"], None)
+    tls.ensure_leaf(tmp_path, *tls.etcd_client_certificate(tmp_path), [tls.ETCD_CLIENT_NAME], None)
+    fake = SimpleNamespace(root=tmp_path, host="host-a", address="127.0.0.1")
+    with socket.socket() as s:                            # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+
+    async def run():
+        srv = await server.start(fake)
+        port = srv.sockets[0].getsockname()[1]
+        url = f"https://127.0.0.1:{port}/log"
+        store = _CollectorStore([CollectorInstance(host="host-a", zone="a", address="127.0.0.1", port=port,
+                                                   pid=1, interval=10),
+                                 CollectorInstance(host="host-c", zone="c", address="127.0.0.1",
+                                                   port=dead_port, pid=1, interval=10)])
+        http = remote.client(tmp_path, 5)
+        try:
+            direct = {q: await http.get(url + q) for q in
+                      ("?member=orders-1&bytes=9", "?member=../x", "?member=%2Fetc%2Fpasswd",
+                       "?member=orders-2", "?member=orders-3", "?bytes=9")}
+            asked = [("orders-1", "host-a"), ("orders-2", "host-a"), ("orders-4", "host-b"),
+                     ("orders-5", "host-c")]
+            logs = await remote.member_logs(store, tmp_path, asked, 9)
+        finally:
+            await http.aclose()
+            srv.close()
+        return direct, logs
+
+    direct, logs = asyncio.run(run())
+    assert direct["?member=orders-1&bytes=9"].json()["text"] == "line 999\n"
+    for q, status in (("?member=../x", 400), ("?member=%2Fetc%2Fpasswd", 400), ("?bytes=9", 400),
+                      ("?member=orders-2", 404), ("?member=orders-3", 404)):
+        assert direct[q].status_code == status and direct[q].json()["error"], q
+    assert "secret" not in "".join(r.text for r in direct.values())
+    ok, elsewhere, no_collector, gone = logs
+    assert (ok.member, ok.text, ok.error) == ("orders-1", "line 999\n", "")
+    assert ok.disk["path"].endswith("orders-1/data") and ok.disk["total"] > 0
+    assert elsewhere.error == "collector on host host-a answered 404: no member orders-2 on host host-a"
+    assert elsewhere.text == "" and elsewhere.disk is None
+    assert no_collector.note == ("the log of orders-4 could not be read: "
+                                 "no collector is registered for host host-b (is its agent running?)")
+    assert gone.note.startswith("the log of orders-5 could not be read: "
+                                "collector on host host-c did not answer: ConnectError"), gone.note

@@ -3,15 +3,14 @@ probe.py reads.
 
 A platform database is diagnosed in the API server: it reads the database's keys from etcd
 once, connects to every running member as the internal superuser (password unsealed with
-the KMS, as the security doctor does), asks every proxy for its pools, and reads the
-members' logs (PostgreSQL writes to stderr, which each member's patroni.log holds) where
-their host directory is on this machine. A URL is diagnosed in the CLI's own process and
-gets only what the server itself can tell."""
+the KMS, as the security doctor does), asks every proxy for its pools, and asks each
+member's host's metrics collector for the end of the member's log (PostgreSQL writes to
+stderr, which each member's patroni.log holds) and its disk space. A URL is diagnosed in the
+CLI's own process and gets only what the server itself can tell."""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ..controlplane.storage import used_bytes
 from ..controlplane.topology import MemberView, Snapshot, member_views
 from ..errors import DbplaneError
+from ..metrics import remote
 from ..models import ProxyInstance, ProxyLimits
 from ..security import db_secrets
 from ..store import Store, keys
@@ -82,43 +82,25 @@ async def _proxy_pools(snap: Snapshot, name: str, p: PlatformFacts) -> None:
         await asyncio.gather(*(one(proxy) for proxy in proxies))
 
 
-def _member_dirs(snap: Snapshot, views: list[MemberView]) -> dict[str, Path]:
-    hosts = {h.name: h for h in snap.hosts()}
-    return {v.name: Path(hosts[v.host].data_dir) / "members" / v.name for v in views if v.host in hosts}
-
-
-def _logs_and_disks(snap: Snapshot, views: list[MemberView], p: PlatformFacts) -> None:
+async def _logs_and_disks(store: Store, root: Path | None, views: list[MemberView], p: PlatformFacts) -> None:
     """Deadlocks and lock waits from each member's log; free space under its data directory.
-    Only for members whose directory is on this machine (the API's)."""
-    dirs = _member_dirs(snap, views)
-    for v in views:
-        mdir = dirs.get(v.name)
-        if mdir is None or not mdir.exists():
-            p.log_notes.append(f"the log of {v.name} is on host {v.host}, not on the API server's machine")
-            continue
-        text = read_tail(mdir / "patroni.log", LOG_TAIL_BYTES)
-        p.deadlocks += pglog.deadlocks(text)
-        p.lock_waits += pglog.lock_waits(text)
-        try:
-            usage = shutil.disk_usage(mdir)
-            p.disks.append(Disk(member=v.name, path=str(mdir / "data"), total=usage.total, free=usage.free))
-        except OSError:
-            pass
+    Both come from the member's host's collector (GET /log), every member at once; a member
+    whose collector does not answer gets a note instead."""
+    logs = await remote.member_logs(store, root, [(v.name, v.host) for v in views], LOG_TAIL_BYTES)
+    readable = [got for got in logs if not got.error]
+    p.log_notes += [got.note for got in logs if got.error]
+    parsed = await asyncio.to_thread(lambda: [(pglog.deadlocks(got.text), pglog.lock_waits(got.text))
+                                              for got in readable])
+    for got, (deadlocks, waits) in zip(readable, parsed, strict=True):
+        p.deadlocks += deadlocks
+        p.lock_waits += waits
+        if got.disk is not None:
+            p.disks.append(Disk(member=got.member, **got.disk))
     p.deadlocks.sort(key=lambda d: d.time or 0)
 
 
-def read_tail(path: Path, max_bytes: int) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-async def diagnose_database(store: Store, name: str) -> list[Finding]:
+async def diagnose_database(store: Store, name: str, root: Path | None = None) -> list[Finding]:
+    """`root`: the data root whose etcd client certificate reaches the collectors."""
     snap = await _snapshot(store, name)
     spec = snap.specs()[name]
     t = checks.Target(resource=f"db/{name}", database=name)
@@ -144,8 +126,8 @@ async def diagnose_database(store: Store, name: str) -> list[Finding]:
     standby_views = [v for v in views if v.role != "primary" and v.state != "host-down"]
     results = await asyncio.gather(_read_node(primary_view, secrets.superuser),
                                    *(_read_node(v, secrets.superuser) for v in standby_views),
-                                   _proxy_pools(snap, name, p))
-    (primary, conn), standbys = results[0], [node for node, _ in results[1:-1]]
+                                   _proxy_pools(snap, name, p), _logs_and_disks(store, root, views, p))
+    (primary, conn), standbys = results[0], [node for node, _ in results[1:-2]]
     workload = Workload()
     if conn is not None:
         async def connect(dbname: str) -> psycopg.AsyncConnection:
@@ -159,7 +141,6 @@ async def diagnose_database(store: Store, name: str) -> list[Finding]:
             workload.notes.append(f"tables and statements: {probe.first_line(e) or 'timed out'}")
         finally:
             await conn.close()
-    await asyncio.to_thread(_logs_and_disks, snap, views, p)
     findings = checks.replication(t, primary, standbys, [v.name for v in views if v.role != "primary"])
     findings += platform_checks.backups(t, spec, p.backups, p.archive)
     if primary.error:
@@ -180,10 +161,11 @@ async def diagnose_database(store: Store, name: str) -> list[Finding]:
     return sort(findings)
 
 
-async def run_with_timeout(store: Store, name: str, timeout: float = 25.0) -> list[Finding]:
+async def run_with_timeout(store: Store, name: str, root: Path | None = None,
+                           timeout: float = 25.0) -> list[Finding]:
     """Within the CLI's 30 s HTTP timeout; a run that takes longer says so as a finding."""
     try:
-        return await asyncio.wait_for(diagnose_database(store, name), timeout)
+        return await asyncio.wait_for(diagnose_database(store, name, root), timeout)
     except TimeoutError:
         return [Finding(check="node_unreachable", severity="warning", resource=f"db/{name}",
                         summary=f"the database checks did not finish within {timeout:g} s",

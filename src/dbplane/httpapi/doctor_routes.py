@@ -25,5 +25,5 @@ async def doctor_database(name: str, request: Request):
     bloat, long and idle-in-transaction sessions, backups, storage (docs/doctor.md)."""
     store = request.app.state.store
     await get_spec(store, name)
-    findings = await diagnose.run_with_timeout(store, name)
+    findings = await diagnose.run_with_timeout(store, name, request.app.state.data_root)
     return {"database": name, "findings": [f.model_dump() for f in findings]}

@@ -1,9 +1,10 @@
 """Performance insights for GET /v1/databases/{name}/insights: the load by wait event from
 the collectors' history (remote.py), and, read now from the database's primary as the
 internal superuser, the top statements (pg_stat_statements), the sessions that are not idle
-and the slow threshold; the slow query log lines from the logs of members whose directory is
-on the API's machine. A primary that does not answer leaves the statements and sessions empty
-with a notice; nothing here raises for a member that is down.
+and the slow threshold; the slow query log lines from the end of each member's log, which its
+host's collector reads (remote.member_logs). A primary that does not answer leaves the
+statements and sessions empty with a notice, a collector that does not answer a note; nothing
+here raises for a member that is down.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import psycopg
 
 from dbplane.controlplane.topology import Snapshot, member_views
 from dbplane.doctor import pglog
-from dbplane.doctor.diagnose import read_tail
 from dbplane.errors import DbplaneError
 from dbplane.metrics import insights, remote
 from dbplane.security import db_secrets
@@ -101,16 +101,13 @@ async def read_primary(address: str, port: int, password: str, name: str, order:
     return out
 
 
-def _slow_logs(snap: Snapshot, views, notes: list[str]) -> list[dict]:
-    hosts = {h.name: h for h in snap.hosts()}
-    found: list[dict] = []
-    for v in views:
-        host = hosts.get(v.host)
-        mdir = Path(host.data_dir) / "members" / v.name if host else None
-        if mdir is None or not mdir.exists():
-            notes.append(f"the log of {v.name} is on host {v.host}, not on the API server's machine")
-            continue
-        found += insights.slow_log(read_tail(mdir / "patroni.log", LOG_TAIL_BYTES), v.name)
+async def _slow_logs(store: Store, root: Path | None, views, notes: list[str]) -> list[dict]:
+    """The newest `duration:` lines of every member's log, read by its host's collector, every
+    member at once; a note for each log that could not be read."""
+    logs = await remote.member_logs(store, root, [(v.name, v.host) for v in views], LOG_TAIL_BYTES)
+    notes += [got.note for got in logs if got.error]
+    found = await asyncio.to_thread(lambda: [line for got in logs if not got.error
+                                             for line in insights.slow_log(got.text, got.member)])
     found.sort(key=lambda r: r["time"] or 0, reverse=True)
     return found[:insights.MAX_LOG_LINES]
 
@@ -122,11 +119,12 @@ async def database_insights(store: Store, root: Path | None, name: str, since: f
     primary = next((v for v in views if v.role == "primary"), None)
     step = None if until - since <= 3600 else max(60.0, round((until - since) / 360 / 60) * 60)
     match = {"database": name}
-    (waits, failed1), (queries, failed2) = await asyncio.gather(
-        remote.history(store, root, "dbplane_pg_load_sessions", match, since, until, step),
-        remote.history(store, root, "dbplane_pg_load_by_query_sessions", match, since, until, step))
-    load = insights.load_summary(waits, queries)
     notes: list[str] = []
+    (waits, failed1), (queries, failed2), slow_log = await asyncio.gather(
+        remote.history(store, root, "dbplane_pg_load_sessions", match, since, until, step),
+        remote.history(store, root, "dbplane_pg_load_by_query_sessions", match, since, until, step),
+        _slow_logs(store, root, views, notes))
+    load = insights.load_summary(waits, queries)
     read: dict = {"statements": [], "slow_statements": [], "sessions": [], "statements_notice": None,
                   "slow_threshold_ms": insights.SLOW_DEFAULT_MS, "log_min_duration_statement_ms": None}
     raw = snap.raw.get(keys.secrets(name))
@@ -148,7 +146,6 @@ async def database_insights(store: Store, root: Path | None, name: str, since: f
     total = load["average_active_sessions"]
     statements = insights.statement_rows(read["statements"], load["by_query"], total)
     slow = insights.statement_rows(read["slow_statements"], load["by_query"], total)
-    slow_log = await asyncio.to_thread(_slow_logs, snap, views, notes)
     return {"database": name, "since": since, "until": until, "now": time.time(),
             "primary": primary.name if primary else None, "order": order,
             "load": {k: v for k, v in load.items() if k != "by_query"},

@@ -1,6 +1,7 @@
 """The collectors as the API sees them: find them in etcd, fetch their /metrics and /history
 concurrently over https (presenting the platform's etcd client certificate, the internal
-identity they demand), and merge what they return.
+identity they demand), and merge what they return; fetch members' log tails and disk space
+from their hosts' /log for the doctor and performance insights.
 
 Merging expositions: every collector renders whole families, so the same family arrives
 once per host. The platform's scrape has each family once (one HELP, one TYPE, in catalogue
@@ -28,6 +29,7 @@ from dbplane.store import Store, keys
 log = logging.getLogger("dbplane.metrics")
 
 SCRAPE_TIMEOUT = 3.0        # per collector: the platform scrape waits no longer for a slow host
+LOG_TIMEOUT = 5.0           # per member: a log tail of up to 4 MiB from its host's collector
 
 
 @dataclass
@@ -176,3 +178,74 @@ async def history(store: Store, root: Path | None, name: str, match: dict[str, s
         s["points"] = sorted({p[0]: p for p in s["points"]}.values())
         out.append(s)
     return out, sorted(failed)
+
+
+@dataclass
+class MemberLog:
+    """A member's log tail and disk as its host's collector read them, or why they could not
+    be read (`error`)."""
+    member: str
+    host: str
+    text: str = ""
+    disk: dict | None = None            # {"path", "total", "free"} of the member's data directory
+    error: str = ""
+
+    @property
+    def note(self) -> str:
+        return f"the log of {self.member} could not be read: {self.error}"
+
+
+async def member_logs(store: Store, root: Path | None, members: list[tuple[str, str]],
+                      max_bytes: int) -> list[MemberLog]:
+    """The last `max_bytes` of each (member, host)'s log and its disk space, from the member's
+    host's collector (GET /log), every member at once, in the order given. A host without a
+    registered collector, one that does not answer within LOG_TIMEOUT or refuses leaves the
+    member's `error` set (and a log line); nothing raises."""
+    found = {c.host: c for c in await collectors(store)}
+    http = client(root, LOG_TIMEOUT)
+
+    async def one(member: str, host: str) -> MemberLog:
+        out = MemberLog(member=member, host=host)
+        c = found.get(host)
+        if http is None:
+            out.error = f"no etcd client certificate in {root} to reach the collector on host {host}"
+        elif c is None:
+            out.error = f"no collector is registered for host {host} (is its agent running?)"
+        else:
+            await _fetch_log(http, c, out, max_bytes)
+        if out.error:
+            log.warning("log of %s: %s", member, out.error)
+        return out
+
+    try:
+        return list(await asyncio.gather(*(one(m, h) for m, h in members)))
+    finally:
+        if http is not None:
+            await http.aclose()
+
+
+async def _fetch_log(http: httpx.AsyncClient, c: CollectorInstance, out: MemberLog, max_bytes: int) -> None:
+    """Fill in `out` from c's GET /log: its text and disk, or its error."""
+    try:
+        r = await http.get(base_url(c) + "/log", params={"member": out.member, "bytes": str(max_bytes)})
+        if r.status_code != 200:
+            out.error = f"collector on host {c.host} answered {r.status_code}: {_error_of(r)}"
+            return
+        data = r.json()
+        disk = data.get("disk")
+        out.text = str(data["text"])
+        out.disk = None if disk is None else {
+            "path": str(disk["path"]), "total": int(disk["total"]), "free": int(disk["free"])}
+    except httpx.HTTPError as e:
+        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        out.error = f"collector on host {c.host} did not answer: {why}"
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        out.text, out.disk = "", None
+        out.error = f"collector on host {c.host} gave an answer that does not read: {e!r}"
+
+
+def _error_of(r: httpx.Response) -> str:
+    try:
+        return str(r.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return r.text[:200]

@@ -3,6 +3,10 @@
   GET /metrics   the latest scrape in the Prometheus text format
   GET /history?name=M[&since=&until=&step=&agg=][&<label>=<value>...]   JSON series from the
                  history file: {"series": [{"name", "labels", "points": [[t, v], ...]}]}
+  GET /log?member=NAME[&bytes=N]   JSON {"host", "member", "text": the last N bytes (by default
+                 and at most 4 MiB) of the member's Patroni log, "disk": {"path", "total", "free"}
+                 of its data directory}; only members under this host's directory, 400 for a name
+                 that is not a member's, 404 for one not here (member_log.py)
   GET /healthz
 
 Only clients presenting a certificate from the platform CA get past the TLS handshake (the
@@ -20,7 +24,7 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from dbplane.metrics import exposition
+from dbplane.metrics import exposition, member_log
 from dbplane.paths import Layout
 from dbplane.security import ca
 from dbplane.security.tls import ReloadingServerContext
@@ -83,6 +87,27 @@ def parse_history_query(query: str, now: float) -> dict:
             "step": float(step) if step else None, "agg": agg}
 
 
+async def _member_log(collector, query: str) -> tuple[int, str]:
+    """(status, JSON body) of /log: 400 for bad parameters, 404 for a member not on this host.
+    The file is read and the body encoded in an executor: a 4 MiB tail must not stall the
+    scrapes."""
+    try:
+        member, max_bytes = member_log.parse_log_query(query)
+    except ValueError as e:
+        return 400, json.dumps({"error": str(e)})
+
+    def read() -> str:
+        return json.dumps(member_log.read(collector.root, collector.host, member, max_bytes))
+
+    try:
+        return 200, await asyncio.get_running_loop().run_in_executor(None, read)
+    except member_log.UnknownMember as e:
+        return 404, json.dumps({"error": str(e)})
+    except OSError as e:
+        log.warning("reading the log of %s: %s", member, e)
+        return 500, json.dumps({"error": str(e)})
+
+
 async def handle(collector, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -114,6 +139,8 @@ async def handle(collector, reader: asyncio.StreamReader, writer: asyncio.Stream
                 except Exception as e:          # a damaged file: say so, keep serving /metrics
                     log.warning("history query failed: %s", e)
                     status, body = 500, json.dumps({"error": f"history unavailable: {e}"})
+        elif url.path == "/log":
+            status, body = await _member_log(collector, url.query)
         else:
             status, body = 404, json.dumps({"error": "not found"})
         data = body.encode()
