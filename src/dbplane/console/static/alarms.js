@@ -4,7 +4,7 @@
 // evaluator; the console only reads them (docs/observability.md#alarms).
 
 import { api, enc } from "./api.js";
-import { badge, errorBox, h, mono, panel, table, when } from "./dom.js";
+import { badge, errorBox, h, mono, panel, poll, table, when } from "./dom.js";
 
 const REFRESH_MS = 5000;
 const STATES = ["ALARM", "INSUFFICIENT_DATA", "OK"];          // the order of the list, too
@@ -63,26 +63,6 @@ function counts(alarms) {
     [i ? ", " : "", `${n(s)} `, stateBadge(s)]));
 }
 
-// A page that calls load() now and every REFRESH_MS until disposed; show(result) renders.
-function poll(load, show) {
-  let timer = null;
-  let disposed = false;
-  let latest = 0;                    // only the latest refresh renders and schedules the next
-  async function refresh() {
-    clearTimeout(timer);
-    const mine = ++latest;
-    const [result] = await Promise.allSettled([load()]);
-    if (disposed || mine !== latest) return;
-    try {
-      show(result);
-    } finally {
-      timer = setTimeout(refresh, REFRESH_MS);
-    }
-  }
-  refresh();
-  return { refresh, dispose() { disposed = true; clearTimeout(timer); } };
-}
-
 // -- #/alarms ---------------------------------------------------------------------------------------
 
 export function renderAlarms(main) {
@@ -98,7 +78,7 @@ export function renderAlarms(main) {
       h("code", null, "dbplane alarms set"), "."),
     list.section);
   const page = poll(
-    () => api("GET", `/v1/alarms${filter.value ? `?state=${enc(filter.value)}` : ""}`),
+    () => [api("GET", `/v1/alarms${filter.value ? `?state=${enc(filter.value)}` : ""}`)],
     (result) => {
       if (result.status === "fulfilled") {
         list.body.replaceChildren(alarmsTable(result.value));
@@ -108,7 +88,7 @@ export function renderAlarms(main) {
         summary.replaceChildren();
       }
       list.section.querySelector(".updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
-    });
+    }, REFRESH_MS);
   filter.addEventListener("change", () => page.refresh());
   return page;
 }
@@ -126,7 +106,7 @@ export function renderAlarm(main, name) {
         h("a", { href: "#/alarms" }, "Alarms"), " / "),
       h("h1", null, name), status),
     sentence, about.section, history.section);
-  return poll(() => api("GET", `/v1/alarms/${enc(name)}`), (result) => {
+  return poll(() => [api("GET", `/v1/alarms/${enc(name)}`)], (result) => {
     if (result.status !== "fulfilled") {
       status.replaceChildren();
       sentence.textContent = "";
@@ -140,7 +120,7 @@ export function renderAlarm(main, name) {
     sentence.textContent = `${a.state} since ${since.slice(0, 10)} ${since.slice(11, 19)}Z: ${a.reason}`;
     about.body.replaceChildren(definition(a));
     history.body.replaceChildren(historyTable(a.history || []));
-  });
+  }, REFRESH_MS);
 }
 
 function definition(a) {

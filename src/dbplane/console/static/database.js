@@ -6,7 +6,7 @@
 
 import { alarmsTable } from "./alarms.js";
 import { api, enc } from "./api.js";
-import { badge, errorBox, formatBytes, h, mono, panel, table, when } from "./dom.js";
+import { badge, errorBox, formatBytes, h, mono, panel, poll, table, when } from "./dom.js";
 import { runInsights } from "./insights.js";
 import { runMetrics } from "./metrics.js";
 import { renderOperation, trackOperation, trackSnapshot } from "./tracker.js";
@@ -39,7 +39,7 @@ export function renderDatabase(main, name) {
       h("a", { href: "#/databases" }, "Databases"), " / "),
     h("h1", null, name), h("span", { id: "db-status" }));
   const sentence = h("p", { class: "status-sentence", id: "db-sentence" });
-  const actions = actionBar(name, () => refresh());
+  const actions = actionBar(name, () => page.refresh());
   const panels = {
     summary: panel("summary", "Summary"),
     topology: panel("topology", "Topology"),
@@ -55,28 +55,14 @@ export function renderDatabase(main, name) {
     panels.alarms.section, panels.metrics.section, panels.insights.section, panels.operations.section,
     panels.events.section, panels.backups.section);
 
-  let timer = null;
-  let disposed = false;
-  let latest = 0;                    // only the latest refresh renders and schedules the next
-  async function refresh() {
-    clearTimeout(timer);
-    const mine = ++latest;
-    const calls = [
-      api("GET", `/v1/databases/${enc(name)}`),
-      api("GET", "/v1/hosts"),
-      api("GET", `/v1/operations?database=${enc(name)}`),
-      api("GET", `/v1/events?database=${enc(name)}&limit=50`),
-      api("GET", `/v1/snapshots?database=${enc(name)}`),
-      api("GET", `/v1/alarms?database=${enc(name)}`),
-    ];
-    const results = await Promise.allSettled(calls);
-    if (disposed || mine !== latest) return;
-    try {
-      render(...results);
-    } finally {
-      timer = setTimeout(refresh, REFRESH_MS);
-    }
-  }
+  const calls = () => [
+    api("GET", `/v1/databases/${enc(name)}`),
+    api("GET", "/v1/hosts"),
+    api("GET", `/v1/operations?database=${enc(name)}`),
+    api("GET", `/v1/events?database=${enc(name)}&limit=50`),
+    api("GET", `/v1/snapshots?database=${enc(name)}`),
+    api("GET", `/v1/alarms?database=${enc(name)}`),
+  ];
 
   function render(db, hosts, ops, events, snaps, alarms) {
     if (db.status === "fulfilled") {
@@ -96,12 +82,12 @@ export function renderDatabase(main, name) {
     panels.backups.body.replaceChildren(db.status === "fulfilled" ? backupSummary(db.value.backup) : "",
       settled(snaps, snapshotsTable));
   }
-  refresh();
+  const page = poll(calls, render, REFRESH_MS);
   const metrics = runMetrics(panels.metrics.body, panels.metrics.section.querySelector(".panel-head"), name);
   const insights = runInsights(panels.insights.body, panels.insights.section.querySelector(".panel-head"),
     name);
   return {
-    dispose() { disposed = true; clearTimeout(timer); actions.stop(); metrics.stop(); insights.stop(); },
+    dispose() { page.dispose(); actions.stop(); metrics.stop(); insights.stop(); },
   };
 }
 

@@ -2,7 +2,7 @@
 // policy), the live hosts and their zones, and the create form (POST /v1/databases).
 
 import { api, enc } from "./api.js";
-import { badge, errorBox, h, mono, panel, table } from "./dom.js";
+import { badge, errorBox, h, mono, panel, poll, table } from "./dom.js";
 import { trackOperation } from "./tracker.js";
 
 const REFRESH_MS = 5000;
@@ -14,7 +14,7 @@ export function renderDatabases(main) {
   const hosts = panel("hosts", "Hosts");
   const createButton = h("button", { type: "button", class: "btn btn-primary", "aria-expanded": "false",
     "aria-controls": "create-database" }, "Create database");
-  const create = createForm(() => refresh());
+  const create = createForm(() => page.refresh());
   create.section.hidden = true;
   createButton.addEventListener("click", () => {
     create.section.hidden = !create.section.hidden;
@@ -27,26 +27,12 @@ export function renderDatabases(main) {
       h("h1", null, "Databases"), h("div", { class: "actions" }, createButton)),
     create.section, list.section, hosts.section);
 
-  let timer = null;
-  let disposed = false;
-  let latest = 0;                    // only the latest refresh renders and schedules the next
-  async function refresh() {
-    clearTimeout(timer);
-    const mine = ++latest;
-    const [dbs, live] = await Promise.allSettled([api("GET", "/v1/databases"), api("GET", "/v1/hosts")]);
-    if (disposed || mine !== latest) return;
-    try {
-      list.body.replaceChildren(
-        dbs.status === "fulfilled" ? databasesTable(dbs.value) : errorBox(dbs.reason));
-      hosts.body.replaceChildren(
-        live.status === "fulfilled" ? hostsTable(live.value) : errorBox(live.reason));
-      list.section.querySelector(".updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
-    } finally {
-      timer = setTimeout(refresh, REFRESH_MS);
-    }
-  }
-  refresh();
-  return { dispose() { disposed = true; clearTimeout(timer); create.stop(); } };
+  const page = poll(() => [api("GET", "/v1/databases"), api("GET", "/v1/hosts")], (dbs, live) => {
+    list.body.replaceChildren(dbs.status === "fulfilled" ? databasesTable(dbs.value) : errorBox(dbs.reason));
+    hosts.body.replaceChildren(live.status === "fulfilled" ? hostsTable(live.value) : errorBox(live.reason));
+    list.section.querySelector(".updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  }, REFRESH_MS);
+  return { dispose() { page.dispose(); create.stop(); } };
 }
 
 function databasesTable(dbs) {

@@ -96,3 +96,25 @@ export function table(caption, headers, rows, empty) {
   return h("div", { class: "table-wrap" },
     h("table", { class: "grid" }, h("caption", { class: "visually-hidden" }, caption), head, body));
 }
+
+// A refresh loop: calls() (an array of API promises) now and every `everyMs`, then
+// show(...their settled results). Only the latest round renders and schedules the next, so
+// an answer that arrives after a newer request (or after dispose) is dropped.
+export function poll(calls, show, everyMs) {
+  let timer = null;
+  let disposed = false;
+  let latest = 0;
+  async function refresh() {
+    clearTimeout(timer);
+    const mine = ++latest;
+    const results = await Promise.allSettled(calls());
+    if (disposed || mine !== latest) return;
+    try {
+      show(...results);
+    } finally {
+      timer = setTimeout(refresh, everyMs);
+    }
+  }
+  refresh();
+  return { refresh, dispose() { disposed = true; clearTimeout(timer); } };
+}

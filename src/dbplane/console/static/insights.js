@@ -4,7 +4,7 @@
 // the primary (or the API's sentence on how to enable it) and the sessions active now.
 
 import { api, enc } from "./api.js";
-import { errorBox, h, mono, table } from "./dom.js";
+import { errorBox, h, mono, poll, table } from "./dom.js";
 import { PALETTE, plotFrame, svg } from "./metrics.js";
 
 const REFRESH_MS = 15000;
@@ -161,34 +161,19 @@ function render(data, range, order) {
 export function runInsights(panelBody, headerSlot, name) {
   let range = "15m";
   let order = "total";
-  let timer = null;
-  let stopped = false;
-  let latest = 0;
   const rangeSelect = h("select", { id: "insights-range", "aria-label": "Load over" },
     RANGES.map((r) => h("option", { value: r, selected: r === range }, `last ${r}`)));
   const orderSelect = h("select", { id: "insights-order", "aria-label": "Top SQL by" },
     Object.entries(ORDERS).map(([k, label]) => h("option", { value: k, selected: k === order },
       `by ${label}`)));
-  rangeSelect.addEventListener("change", () => { range = rangeSelect.value; refresh(); });
-  orderSelect.addEventListener("change", () => { order = orderSelect.value; refresh(); });
+  rangeSelect.addEventListener("change", () => { range = rangeSelect.value; loop.refresh(); });
+  orderSelect.addEventListener("change", () => { order = orderSelect.value; loop.refresh(); });
   headerSlot.append(rangeSelect, orderSelect);
 
-  async function refresh() {
-    clearTimeout(timer);
-    const mine = ++latest;
-    let view;
-    try {
-      const query = `since=${enc(range)}&by=${enc(order)}`;
-      const data = await api("GET", `/v1/databases/${enc(name)}/insights?${query}`);
-      view = render(data, range, order);
-    } catch (e) {
-      view = errorBox(e);
-    }
-    if (stopped || mine !== latest) return;
-    panelBody.replaceChildren(view);
-    timer = setTimeout(refresh, REFRESH_MS);
-  }
-
-  refresh();
-  return { stop() { stopped = true; clearTimeout(timer); } };
+  const loop = poll(
+    () => [api("GET", `/v1/databases/${enc(name)}/insights?since=${enc(range)}&by=${enc(order)}`)],
+    (result) => panelBody.replaceChildren(result.status === "fulfilled" ? render(result.value, range, order)
+      : errorBox(result.reason)),
+    REFRESH_MS);
+  return { stop: loop.dispose };
 }

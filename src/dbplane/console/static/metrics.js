@@ -4,7 +4,7 @@
 // drawn; an API without the route (404) shows "no metrics yet".
 
 import { api, ApiError, enc } from "./api.js";
-import { errorBox, formatBytes, h } from "./dom.js";
+import { errorBox, formatBytes, h, poll } from "./dom.js";
 
 const REFRESH_MS = 15000;
 const RANGES = ["15m", "1h", "6h", "24h"];
@@ -144,31 +144,19 @@ function chart(spec, data, since, until, step, limits) {
 // The panel's contents and its own refresh loop; returns {stop()}.
 export function runMetrics(panelBody, headerSlot, name) {
   let range = "15m";
-  let timer = null;
-  let stopped = false;
-  let latest = 0;
   const select = h("select", { id: "metrics-range", "aria-label": "Time range" },
     RANGES.map((r) => h("option", { value: r, selected: r === range }, `last ${r}`)));
-  select.addEventListener("change", () => { range = select.value; refresh(); });
+  select.addEventListener("change", () => { range = select.value; loop.refresh(); });
   headerSlot.append(select);
 
-  async function refresh() {
-    clearTimeout(timer);
-    const mine = ++latest;
-    let view;
-    try {
-      const data = await api("GET", `/v1/databases/${enc(name)}/metrics?since=${enc(range)}`);
-      view = render(data);
-    } catch (e) {
-      view = e instanceof ApiError && e.status === 404 && e.code !== "database_not_found"
+  function show(result) {
+    const e = result.reason;
+    panelBody.replaceChildren(result.status === "fulfilled" ? render(result.value)
+      : e instanceof ApiError && e.status === 404 && e.code !== "database_not_found"
         ? h("p", { class: "placeholder", "data-metrics": "none" },
           "No metrics yet: this API has no GET /v1/databases/{name}/metrics. Charts of connections, ",
           "commits, CPU, memory, size and replication lag show here once the platform collects metrics.")
-        : errorBox(e);
-    }
-    if (stopped || mine !== latest) return;
-    panelBody.replaceChildren(view);
-    timer = setTimeout(refresh, REFRESH_MS);
+        : errorBox(e));
   }
 
   function render(data) {
@@ -184,6 +172,7 @@ export function runMetrics(panelBody, headerSlot, name) {
     return h("div", null, notes, grid);
   }
 
-  refresh();
-  return { stop() { stopped = true; clearTimeout(timer); } };
+  const loop = poll(() => [api("GET", `/v1/databases/${enc(name)}/metrics?since=${enc(range)}`)], show,
+    REFRESH_MS);
+  return { stop: loop.dispose };
 }
