@@ -4,6 +4,7 @@ refusals of each verb. Databases here are named ha-*."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import psycopg
@@ -13,9 +14,11 @@ from dbplane.controlplane.changes import compare, config_patch
 from dbplane.controlplane.replicas import wanted_zone
 from dbplane.controlplane.switchover import choose_target
 from dbplane.controlplane.topology import MemberView
-from dbplane.errors import DbplaneError
-from dbplane.models import DatabaseSpec, MemberSpec
+from dbplane.errors import Conflict, DbplaneError
+from dbplane.httpapi.views import read_spec, save_spec
+from dbplane.models import DatabaseSpec, MemberSpec, Operation
 from dbplane.parameters import postgres_parameters, same_value
+from dbplane.store import keys
 from platform_helpers import wait_for
 
 integration = pytest.mark.integration
@@ -363,6 +366,27 @@ def test_modify_reload_parameter(platform, ha_mod):
     assert d["params"]["work_mem"] == "3MB" and d["pending_changes"] == []
     assert roles(platform, ha_mod)["primary"]["name"] == primary["name"]   # no restart
     assert not events(platform, ha_mod, "restart")
+
+
+@integration
+def test_a_change_made_meanwhile_is_refused_not_lost(platform, ha_mod):
+    """Two requests read the spec; one modifies it; the other's write, based on what it read
+    before, is refused with 409 and writes nothing (not its spec, not its operation)."""
+    async def race():
+        async with platform.store() as s:
+            spec, read = await read_spec(s, ha_mod)
+            platform.cli("db", "modify", ha_mod, "--param", "work_mem=5MB", "--wait")   # the other request
+            stale = spec.model_copy(update={"storage_gb": spec.storage_gb + 1,
+                                            "generation": spec.generation + 1})
+            op = Operation(kind="modify", database=ha_mod)
+            with pytest.raises(Conflict) as refused:
+                await save_spec(s, ha_mod, read, stale, also={keys.operation(op.id): op})
+            return refused.value, await s.get_raw(keys.operation(op.id)), spec.storage_gb
+    error, op_written, storage_gb = asyncio.run(race())
+    assert error.code == "concurrent_change" and error.status == 409 and "run the command again" in error.hint
+    assert op_written is None
+    d = platform.describe(ha_mod)
+    assert d["params"]["work_mem"] == "5MB" and d["storage_gb"] == storage_gb     # the other change stays
 
 
 @integration

@@ -64,6 +64,13 @@ class FakeStore:
     async def put(self, key, value):
         self.data[key] = value.model_dump_json().encode()
 
+    async def commit_if(self, key, expected, items):
+        if self.data.get(key) != expected:
+            return False
+        for k, v in items.items():
+            await self.put(k, v)
+        return True
+
 
 class Client:
     """Calls the app in-process (starlette's TestClient warns about its httpx here)."""

@@ -17,7 +17,7 @@ from ..errors import DbplaneError
 from ..models import ARCHIVE_SLOT, ArchiveStatus, BackupRecord, DatabaseSpec
 from ..parameters import engine_parameters
 from ..store import keys
-from .operations import record_event
+from .operations import record_event, update_spec
 from .operations import update as update_operation
 from .topology import member_views
 
@@ -197,8 +197,8 @@ async def ensure_final_snapshot(p: Pass, spec: DatabaseSpec) -> bool:
                 code="final_snapshot_failed"), message="the final snapshot failed")
     await record_event(p.store, spec.name, "delete-called-off",
                        f"final snapshot {spec.final_snapshot} failed ({why}): the database was not deleted")
-    await p.store.put(keys.database_spec(spec.name), spec.model_copy(update={
-        "deleting": False, "final_snapshot": "", "generation": spec.generation + 1}))
+    await update_spec(p.store, p.snap.raw.get(keys.database_spec(spec.name)), spec,
+                      deleting=False, final_snapshot="", generation=spec.generation + 1)
     return False
 
 

@@ -126,7 +126,8 @@ class Controller:
             if op.database == spec.name and op.kind in ("create", "restore") and not op.done:
                 await operations.update(p.store, op, state="failed", error=error,
                                         message=f"rolled back: {error.message}")
-        await p.store.put(keys.database_spec(spec.name), spec.model_copy(update={"deleting": True}))
+        await operations.update_spec(p.store, p.snap.raw.get(keys.database_spec(spec.name)), spec,
+                                     deleting=True)
 
     async def progress(self, store: Store, snap: Snapshot, op: Operation) -> None:
         if op.kind in ("switchover", "failover"):

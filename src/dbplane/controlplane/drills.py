@@ -20,7 +20,7 @@ from ..models import (
 )
 from ..security import db_secrets
 from ..store import keys
-from .operations import record_event
+from .operations import record_event, update_spec
 
 if TYPE_CHECKING:
     from .databases import Pass
@@ -110,7 +110,7 @@ async def follow(p: Pass, d: DrillRecord) -> None:
     elif d.state == "checking" and now - (d.restored_at or now) > CHECK_TIMEOUT:
         await finish(p, d, "failed", "no backup worker checked the restored database")
     if d.state in ("passed", "failed") and scratch is not None and not scratch.deleting:
-        await p.store.put(keys.database_spec(d.scratch), scratch.model_copy(update={"deleting": True}))
+        await update_spec(p.store, p.snap.raw.get(keys.database_spec(d.scratch)), scratch, deleting=True)
 
 
 async def finish(p: Pass, d: DrillRecord, state: str, error: str = "") -> None:

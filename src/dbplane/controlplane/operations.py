@@ -1,9 +1,10 @@
-"""Operation bookkeeping: progress, events and the final state, written by the controller."""
+"""Operation bookkeeping: progress, events and the final state, written by the controller;
+and the controller's own changes to a spec."""
 
 from __future__ import annotations
 
 from ..errors import DbplaneError
-from ..models import Event, Operation, OperationError, OperationEvent, now
+from ..models import DatabaseSpec, Event, Operation, OperationError, OperationEvent, now
 from ..store import Store, keys
 
 
@@ -32,3 +33,11 @@ async def update(store: Store, op: Operation, *, progress: int | None = None,
 async def record_event(store: Store, database: str, kind: str, message: str) -> None:
     event = Event(database=database, kind=kind, message=message)
     await store.put(keys.event(database, event.id), event)
+
+
+async def update_spec(store: Store, read: bytes | None, spec: DatabaseSpec, **changes) -> bool:
+    """Write the spec with `changes` only if it still holds `read` (the pass's snapshot of it):
+    a user's modify that landed meanwhile is never overwritten with the older spec. False
+    when it changed: the next pass decides again on the new spec."""
+    key = keys.database_spec(spec.name)
+    return await store.commit_if(key, read, {key: spec.model_copy(update=changes)})

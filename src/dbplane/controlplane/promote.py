@@ -105,7 +105,7 @@ async def progress(store: Store, snap: Snapshot, op: Operation) -> None:
                              "it could be promoted", "promote another read replica",
                              code="promote_source_gone")
         await operations.update(store, op, state="failed", error=error, message=error.message)
-        await store.put(keys.database_spec(spec.name), spec.model_copy(update={"deleting": True}))
+        await operations.update_spec(store, snap.raw.get(keys.database_spec(spec.name)), spec, deleting=True)
         return
     await operations.update(store, op, state="running", progress=20,
                             message=f"stopping read replica {src.member} of {src.database}")

@@ -41,7 +41,7 @@ from .kms_routes import require_key_use
 from .kms_routes import router as kms_router
 from .metrics_routes import router as metrics_router
 from .proxy_routes import router as proxy_router
-from .views import database_snapshot, describe, get_spec, summary
+from .views import database_snapshot, describe, get_spec, read_spec, save_spec, summary
 
 log = logging.getLogger("dbplane.api")
 
@@ -210,7 +210,7 @@ def create_app(etcd_url: str, data_root: Path | None = None) -> FastAPI:
         """Delete the database; with final_snapshot, take that snapshot first (kept until
         deleted, like RDS's final DB snapshot)."""
         s = store(request)
-        spec = await get_spec(s, name)
+        spec, read = await read_spec(s, name)
         op = Operation(kind="delete", database=name, params={"final_snapshot": final_snapshot})
         if final_snapshot and not spec.deleting:
             status = await s.get(keys.database_status(name), DatabaseStatus)
@@ -218,11 +218,12 @@ def create_app(etcd_url: str, data_root: Path | None = None) -> FastAPI:
                 raise Conflict(f"database {name} never became available: there is nothing to snapshot",
                                "delete it without --final-snapshot", code="database_not_available")
             await new_snapshot(s, spec, final_snapshot)
-        await s.put(keys.operation(op.id), op)
-        if not spec.deleting:
-            await s.put(keys.database_spec(name), spec.model_copy(update={
+        if spec.deleting:
+            await s.put(keys.operation(op.id), op)
+        else:
+            await save_spec(s, name, read, spec.model_copy(update={
                 "deleting": True, "generation": spec.generation + 1,
-                "final_snapshot": final_snapshot or ""}))
+                "final_snapshot": final_snapshot or ""}), also={keys.operation(op.id): op})
         return op.model_dump()
 
     @app.get("/v1/operations")

@@ -39,7 +39,7 @@ from ..models import (
 from ..security import key_policy, kms
 from ..store import Store, keys
 from .kms_routes import require_key_use
-from .views import get_spec
+from .views import get_spec, read_spec, save_spec
 
 router = APIRouter()
 
@@ -323,7 +323,7 @@ async def modify_backup(name: str, body: BackupPatch, request: Request):  # type
     if not changes:
         raise InvalidInput("nothing to modify", "pass at least one backup setting",
                            code="nothing_to_modify")
-    spec = await get_spec(s, name)
+    spec, read = await read_spec(s, name)
     if spec.deleting:
         raise Conflict(f"database {name} is being deleted", "create a new database instead",
                        code="database_deleting")
@@ -336,7 +336,7 @@ async def modify_backup(name: str, body: BackupPatch, request: Request):  # type
     if "kms_key" in changes:
         await _check_kms_key(request, s, settings.kms_key)
     spec = spec.model_copy(update={"backup": settings})
-    await s.put(keys.database_spec(name), spec)
+    await save_spec(s, name, read, spec)
     return await _backup_view(s, spec)
 
 

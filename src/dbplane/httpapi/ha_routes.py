@@ -16,7 +16,7 @@ from ..controlplane.topology import Snapshot, member_views
 from ..errors import CapacityError, Conflict, InvalidInput, NotFound
 from ..models import NAME_RE, DatabaseSpec, Host, MemberSpec, Operation, PromotedFrom
 from ..store import Store, keys
-from .views import database_snapshot, get_spec
+from .views import database_snapshot, read_spec, save_spec
 
 router = APIRouter()
 MAX_REPLICAS = 5
@@ -51,9 +51,10 @@ def _store(request: Request) -> Store:
     return request.app.state.store
 
 
-async def _ready(s: Store, name: str) -> tuple[DatabaseSpec, Snapshot]:
-    """The spec and a snapshot of a database that exists, runs and is not busy."""
-    spec = await get_spec(s, name)
+async def _ready(s: Store, name: str) -> tuple[DatabaseSpec, bytes, Snapshot]:
+    """The spec, the bytes it was read from (for save_spec) and a snapshot of a database
+    that exists, runs and is not busy."""
+    spec, raw = await read_spec(s, name)
     if spec.deleting:
         raise Conflict(f"database {name} is being deleted", "create a new database instead",
                        code="database_deleting")
@@ -71,7 +72,7 @@ async def _ready(s: Store, name: str) -> tuple[DatabaseSpec, Snapshot]:
             raise Conflict(f"database {name} has a {op.kind} operation in progress ({op.id})",
                            f"wait for it ('dbplane ops show {op.id}') and retry",
                            code="operation_in_progress")
-    return spec, snap
+    return spec, raw, snap
 
 
 def _member(spec: DatabaseSpec, snap: Snapshot, name: str) -> MemberSpec:
@@ -104,10 +105,13 @@ def _without_zone(zones: list[str], zone: str) -> list[str]:
     return out
 
 
-async def _start(s: Store, spec: DatabaseSpec | None, op: Operation) -> dict:
-    if spec is not None:
-        await s.put(keys.database_spec(spec.name), spec)
-    await s.put(keys.operation(op.id), op)
+async def _start(s: Store, op: Operation, read: bytes | None = None,
+                 new: DatabaseSpec | None = None) -> dict:
+    """Record the operation, with the changed spec (read from `read`) in the same transaction."""
+    if new is None:
+        await s.put(keys.operation(op.id), op)
+    else:
+        await save_spec(s, new.name, read, new, also={keys.operation(op.id): op})
     return op.model_dump()
 
 
@@ -115,10 +119,10 @@ async def _start(s: Store, spec: DatabaseSpec | None, op: Operation) -> dict:
 
 async def _switch(request: Request, name: str, to: str | None, action: str) -> dict:
     s = _store(request)
-    spec, snap = await _ready(s, name)
+    spec, _, snap = await _ready(s, name)
     primary, target = choose_target(spec, member_views(snap, name), to, action)
     op = Operation(kind=action, database=name, params={"from": primary.name, "to": target.name})
-    return await _start(s, None, op)
+    return await _start(s, op)
 
 
 @router.post("/v1/databases/{name}/switchover", status_code=202)
@@ -138,7 +142,7 @@ async def failover(name: str, body: SwitchoverRequest, request: Request):
 @router.post("/v1/databases/{name}/replicas", status_code=202)
 async def add_replica(name: str, body: AddReplicaRequest, request: Request):
     s = _store(request)
-    spec, snap = await _ready(s, name)
+    spec, read, snap = await _ready(s, name)
     if spec.replicas >= MAX_REPLICAS:
         raise Conflict(f"database {name} already has {spec.replicas} read replicas (the limit)",
                        "remove one with 'dbplane replica remove' first", code="too_many_replicas")
@@ -153,13 +157,13 @@ async def add_replica(name: str, body: AddReplicaRequest, request: Request):
         "replica_zones": spec.replica_zones + ([body.zone] if body.zone else [])})
     op = Operation(kind="add-replica", database=name,
                    params={"zone": body.zone, "before": [m.name for m in snap.members(name)]})
-    return await _start(s, new, op)
+    return await _start(s, op, read, new)
 
 
 @router.delete("/v1/databases/{name}/replicas/{member}", status_code=202)
 async def remove_replica(name: str, member: str, request: Request):
     s = _store(request)
-    spec, snap = await _ready(s, name)
+    spec, read, snap = await _ready(s, name)
     m = _read_replica(spec, snap, member, f"only read replicas can be removed; to drop the "
                       f"standby use 'dbplane db modify {name} --no-multi-az'")
     new = spec.model_copy(update={
@@ -167,14 +171,14 @@ async def remove_replica(name: str, member: str, request: Request):
         "removed_members": spec.removed_members + [m.name],
         "replica_zones": _without_zone(spec.replica_zones, m.zone)})
     op = Operation(kind="remove-replica", database=name, params={"member": m.name})
-    return await _start(s, new, op)
+    return await _start(s, op, read, new)
 
 
 @router.post("/v1/databases/{name}/replicas/{member}/promote", status_code=202)
 async def promote_replica(name: str, member: str, body: PromoteRequest, request: Request):
     """The read replica leaves the database and becomes a standalone one (RDS semantics)."""
     s = _store(request)
-    spec, snap = await _ready(s, name)
+    spec, read, snap = await _ready(s, name)
     m = _read_replica(spec, snap, member, f"only read replicas can be promoted; to move the "
                       f"primary use 'dbplane db switchover {name}'")
     view = next(v for v in member_views(snap, name) if v.name == m.name)
@@ -200,7 +204,7 @@ async def promote_replica(name: str, member: str, body: PromoteRequest, request:
         raise exists
     # source first, in one write: the member stops counting as one of its replicas; the
     # controller stops it only once the new database's spec exists
-    await s.put(keys.database_spec(name), spec.model_copy(update={
+    await save_spec(s, name, read, spec.model_copy(update={
         "replicas": max(0, spec.replicas - 1), "generation": spec.generation + 1,
         "replica_zones": _without_zone(spec.replica_zones, m.zone),
         "promoted_members": {**spec.promoted_members, m.name: new_name}}))
@@ -224,7 +228,7 @@ async def modify_database(name: str, body: ModifyRequest, request: Request):
     if body.instance_class is not None:
         get_class(body.instance_class)
     parameters.validate(body.params)
-    spec, _ = await _ready(s, name)
+    spec, read, _ = await _ready(s, name)
     if body.multi_az and not spec.multi_az:
         zones = {h.zone for h in await s.list(keys.hosts(), Host)}
         if len(zones) < 2:
@@ -244,7 +248,7 @@ async def modify_database(name: str, body: ModifyRequest, request: Request):
     op = Operation(kind="modify", database=name, params={
         **body.model_dump(by_alias=True), "generation": new.generation,
         "restart": restart_needed(spec, new)})
-    return await _start(s, new, op)
+    return await _start(s, op, read, new)
 
 
 # -- credentials --------------------------------------------------------------------------------
@@ -253,7 +257,7 @@ async def modify_database(name: str, body: ModifyRequest, request: Request):
 async def rotate_credentials(name: str, request: Request):
     """New superuser, replication, rewind and admin passwords (controlplane/credentials.py)."""
     s = _store(request)
-    spec, snap = await _ready(s, name)
+    _, _, snap = await _ready(s, name)
     running = [o for o in snap.operations() if o.database == name and o.kind == credentials.KIND
                and not o.done]
     if running:

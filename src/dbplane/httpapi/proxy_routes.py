@@ -16,7 +16,7 @@ from ..errors import Conflict, InvalidInput
 from ..models import DatabaseSpec, PlatformConfig, PoolMode, ProxyInstance, ProxyLimits, ProxySettings
 from ..proxy.limits import max_connections
 from ..store import Store, keys
-from .views import get_spec
+from .views import get_spec, read_spec, save_spec
 
 router = APIRouter()
 STATS_TIMEOUT = 2.0      # s per proxy: a hung proxy must not hold the whole answer
@@ -80,7 +80,7 @@ async def modify_proxy(name: str, body: ProxyPatch, request: Request):
                            code="nothing_to_modify")
     if "read_your_writes_users" in changes:
         changes["read_your_writes_users"] = _check_users(changes["read_your_writes_users"])
-    spec = await get_spec(s, name)
+    spec, read = await read_spec(s, name)
     if spec.deleting:
         raise Conflict(f"database {name} is being deleted", "create a new database instead",
                        code="database_deleting")
@@ -102,7 +102,7 @@ async def modify_proxy(name: str, body: ProxyPatch, request: Request):
             f"('dbplane db modify {name} --param max_connections=N' or a larger --class)",
             code="invalid_pool_size")
     spec = spec.model_copy(update={"proxy": settings})
-    await s.put(keys.database_spec(name), spec)
+    await save_spec(s, name, read, spec)
     return await _describe(s, spec)
 
 

@@ -7,7 +7,7 @@ from ..controlplane.backups import restorable_window
 from ..controlplane.proxy import endpoints as proxy_endpoints
 from ..controlplane.storage import used_bytes
 from ..controlplane.topology import Snapshot, endpoints, member_views
-from ..errors import NotFound
+from ..errors import Conflict, NotFound
 from ..models import ArchiveStatus, DatabaseSpec, PlatformConfig
 from ..parameters import require_tls
 from ..security import db_secrets
@@ -18,11 +18,28 @@ from ..system import postgres_bin_dir
 
 async def get_spec(store: Store, name: str) -> DatabaseSpec:
     """The database's spec, or the API's 404 naming how to list databases."""
-    spec = await store.get(keys.database_spec(name), DatabaseSpec)
-    if spec is None:
+    return (await read_spec(store, name))[0]
+
+
+async def read_spec(store: Store, name: str) -> tuple[DatabaseSpec, bytes]:
+    """The spec and the bytes it was read from, which save_spec compares."""
+    raw = await store.get_raw(keys.database_spec(name))
+    if raw is None:
         raise NotFound(f"database {name!r} not found", "list databases with 'dbplane db list'",
                        code="database_not_found")
-    return spec
+    return DatabaseSpec.model_validate_json(raw), raw
+
+
+async def save_spec(store: Store, name: str, read: bytes, new: DatabaseSpec,
+                    also: dict | None = None) -> None:
+    """Write the changed spec, and `also` (its operation), in one transaction, only if nobody
+    changed the spec since it was `read`: two concurrent modifies must not silently undo one
+    another. The loser gets a 409 and runs again on the new spec."""
+    key = keys.database_spec(name)
+    if not await store.commit_if(key, read, {key: new, **(also or {})}):
+        raise Conflict(f"database {name} was changed by another request while this one was being applied",
+                       "run the command again: it will apply to the database as it is now",
+                       code="concurrent_change")
 
 
 async def database_snapshot(store: Store, name: str) -> Snapshot:
