@@ -89,6 +89,7 @@ def test_lock_waits_and_cpu_load_and_top_sql(platform, db):
                     and load_of(d, "CPU") > 0 and d)
         data = wait_for(loaded, 45, "Lock/transactionid and CPU load in the insights", interval=2)
         assert data["load"]["samples"] >= 1 and data["primary"]
+        assert data["point_seconds"] == 10           # raw 10 s averages within an hour
         assert data["load_by_type"]["Lock"] >= 0.5
         # one waits for the holder's transaction, the others queue for the row (tuple)
         waiting = [s for s in data["sessions"] if s["wait_event_type"] == "Lock"]

@@ -177,7 +177,8 @@ console.log(JSON.stringify([sortAlarms(alarms).map((a) => a.name), condition(spe
 def test_load_bars_add_up_the_members_average_active_sessions(tmp_path):
     """insights.js bins the API's load timeline (two members' 10 s flushes side by side) into
     bars of the database's average active sessions: the two members' loads add up, a raw
-    point stands for 10 s; beyond 1 h the points are step averages and stand for the step."""
+    point stands for 10 s; beyond 1 h the points are step averages and stand for the step
+    (the API's point_seconds)."""
     _copy_modules(tmp_path)
     # 15 minutes: bars of 20 s; member A flushes at :00, :10, B at :03, :13
     raw = [[1000, {"CPU": 1.0}], [1003, {"CPU": 0.5, "Lock": 2.0}], [1010, {"CPU": 1.0}],
@@ -186,7 +187,7 @@ def test_load_bars_add_up_the_members_average_active_sessions(tmp_path):
     raw_bars, step_bars = _node(tmp_path, """
 import { loadBars } from "./insights.js";
 const [raw, stepped] = JSON.parse(process.argv[2]);
-console.log(JSON.stringify([loadBars(raw, 200, 1100), loadBars(stepped, 0, 86400)]));
+console.log(JSON.stringify([loadBars(raw, 200, 1100, 10), loadBars(stepped, 0, 86400, 240)]));
 """, json.dumps([raw, stepped]))
     assert raw_bars["width"] == 20
     assert raw_bars["bars"] == [{"start": 1000, "byType": {"CPU": 1.5, "Lock": 1.0}},

@@ -19,6 +19,7 @@ from dbplane.controlplane.topology import Snapshot, member_views
 from dbplane.doctor import pglog
 from dbplane.errors import DbplaneError
 from dbplane.metrics import insights, remote
+from dbplane.metrics.load import FLUSH_SECONDS
 from dbplane.security import db_secrets
 from dbplane.store import Store, keys
 
@@ -147,6 +148,7 @@ async def database_insights(store: Store, root: Path | None, name: str, since: f
     statements = insights.statement_rows(read["statements"], load["by_query"], total)
     slow = insights.statement_rows(read["slow_statements"], load["by_query"], total)
     return {"database": name, "since": since, "until": until, "now": time.time(),
+            "point_seconds": step or FLUSH_SECONDS,     # what one load timeline point averages
             "primary": primary.name if primary else None, "order": order,
             "load": {k: v for k, v in load.items() if k != "by_query"},
             "load_by_type": insights.by_wait_type(load["by_wait"]),

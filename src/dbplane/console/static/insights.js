@@ -11,8 +11,6 @@ const REFRESH_MS = 15000;
 const RANGES = ["5m", "15m", "1h", "6h", "24h"];
 const ORDERS = { total: "total time", mean: "mean time", calls: "calls" };
 const BARS = 60;                     // at most this many bars over the range
-const FLUSH_SECONDS = 10;            // what one raw load point averages (metrics/load.py)
-const RAW_UP_TO = 3600;              // longer ranges come as step averages (metrics/insights_read.py)
 // wait event type -> PALETTE index (the legend's swatches use the same index)
 const WAIT_COLOURS = { CPU: 1, IO: 0, Lock: 4, LWLock: 3, IPC: 2, Client: 5 };
 
@@ -20,23 +18,10 @@ export function waitColour(type) {
   return type in WAIT_COLOURS ? WAIT_COLOURS[type] : 6;
 }
 
-// The seconds one timeline point stands for: a 10 s flush for raw points; the step for
-// longer ranges, where every series' points sit on multiples of it (the smallest gap).
-export function pointSeconds(timeline, since, until) {
-  if (until - since <= RAW_UP_TO) return FLUSH_SECONDS;
-  let gap = Infinity;
-  for (let i = 1; i < timeline.length; i += 1) {
-    const d = timeline[i][0] - timeline[i - 1][0];
-    if (d > 0 && d < gap) gap = d;
-  }
-  return Number.isFinite(gap) ? gap : FLUSH_SECONDS;
-}
-
 // The API's timeline ([[t, {wait_event_type: aas}]], the members' points side by side) as
 // bars of `width` seconds: each bar is the database's average active sessions in it by
-// wait event type (a point's sessions times the seconds it stands for, over the width).
-export function loadBars(timeline, since, until) {
-  const each = pointSeconds(timeline, since, until);
+// wait event type (a point's sessions times the `each` seconds it stands for, over the width).
+export function loadBars(timeline, since, until, each) {
   const width = each * Math.max(1, Math.ceil((until - since) / (BARS * each)));
   const bins = new Map();
   for (const [t, byType] of timeline) {
@@ -61,7 +46,7 @@ export function formatMs(ms) {
 
 function loadChart(data, label) {
   const types = Object.keys(data.load_by_type || {});
-  const { width, bars } = loadBars(data.load.timeline || [], data.since, data.until);
+  const { width, bars } = loadBars(data.load.timeline || [], data.since, data.until, data.point_seconds);
   for (const b of bars) for (const t of Object.keys(b.byType)) if (!types.includes(t)) types.push(t);
   const figure = h("figure", { class: "chart load-chart", "data-chart": "load", "data-bars": bars.length },
     h("figcaption", null, "Database load by wait event type ",
