@@ -64,8 +64,8 @@ class FakeStore:
     async def put(self, key, value):
         self.data[key] = value.model_dump_json().encode()
 
-    async def commit_if(self, key, expected, items):
-        if self.data.get(key) != expected:
+    async def commit_if(self, key, expected, items, absent=()):
+        if self.data.get(key) != expected or any(k in self.data for k in absent):
             return False
         for k, v in items.items():
             await self.put(k, v)

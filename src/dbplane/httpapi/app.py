@@ -31,8 +31,8 @@ from .allowlist_routes import router as allowlist_router
 from .audit import install as install_audit
 from .audit_routes import router as audit_router
 from .auth import authorize, visible
-from .backup_routes import new_snapshot
 from .backup_routes import router as backup_router
+from .backup_routes import snapshot_record
 from .doctor_routes import router as doctor_router
 from .ha_routes import router as ha_router
 from .iam_routes import router as iam_router
@@ -212,18 +212,22 @@ def create_app(etcd_url: str, data_root: Path | None = None) -> FastAPI:
         s = store(request)
         spec, read = await read_spec(s, name)
         op = Operation(kind="delete", database=name, params={"final_snapshot": final_snapshot})
-        if final_snapshot and not spec.deleting:
+        if spec.deleting:
+            await s.put(keys.operation(op.id), op)
+            return op.model_dump()
+        also, new_keys = {keys.operation(op.id): op}, ()
+        if final_snapshot:
             status = await s.get(keys.database_status(name), DatabaseStatus)
             if status is None or not status.ever_available:
                 raise Conflict(f"database {name} never became available: there is nothing to snapshot",
                                "delete it without --final-snapshot", code="database_not_available")
-            await new_snapshot(s, spec, final_snapshot)
-        if spec.deleting:
-            await s.put(keys.operation(op.id), op)
-        else:
-            await save_spec(s, name, read, spec.model_copy(update={
-                "deleting": True, "generation": spec.generation + 1,
-                "final_snapshot": final_snapshot or ""}), also={keys.operation(op.id): op})
+            snapshot_key = keys.backup(name, final_snapshot)
+            also[snapshot_key] = await snapshot_record(s, spec, final_snapshot)
+            new_keys = (snapshot_key,)
+        # the snapshot, the operation and the spec marked deleting: all or nothing
+        await save_spec(s, name, read, spec.model_copy(update={
+            "deleting": True, "generation": spec.generation + 1,
+            "final_snapshot": final_snapshot or ""}), also=also, new_keys=new_keys)
         return op.model_dump()
 
     @app.get("/v1/operations")

@@ -104,6 +104,14 @@ def _exists(snapshot_id: str) -> Conflict:
 
 async def new_snapshot(s: Store, spec: DatabaseSpec, snapshot_id: str) -> BackupRecord:
     """Write a pending manual snapshot of the database (the controller gives it a host)."""
+    record = await snapshot_record(s, spec, snapshot_id)
+    if not await s.create(keys.backup(spec.name, snapshot_id), record):
+        raise _exists(snapshot_id)
+    return record
+
+
+async def snapshot_record(s: Store, spec: DatabaseSpec, snapshot_id: str) -> BackupRecord:
+    """A pending manual snapshot of the database, checked but not written yet."""
     _check_snapshot_id(snapshot_id)
     if not spec.backup.enabled:
         raise Conflict(f"backups are off for {spec.name}: a snapshot needs its WAL archive",
@@ -111,11 +119,8 @@ async def new_snapshot(s: Store, spec: DatabaseSpec, snapshot_id: str) -> Backup
                        code="backups_disabled")
     if any(b.id == snapshot_id for b in await s.list(keys.backups(), BackupRecord)):
         raise _exists(snapshot_id)
-    record = BackupRecord(id=snapshot_id, database=spec.name, archive_id=spec.archive_id,
-                          repository=spec.backup.repository, kind="full", manual=True, state="pending")
-    if not await s.create(keys.backup(spec.name, snapshot_id), record):
-        raise _exists(snapshot_id)
-    return record
+    return BackupRecord(id=snapshot_id, database=spec.name, archive_id=spec.archive_id,
+                        repository=spec.backup.repository, kind="full", manual=True, state="pending")
 
 
 @router.post("/v1/databases/{name}/snapshots", status_code=202)

@@ -31,12 +31,12 @@ async def read_spec(store: Store, name: str) -> tuple[DatabaseSpec, bytes]:
 
 
 async def save_spec(store: Store, name: str, read: bytes, new: DatabaseSpec,
-                    also: dict | None = None) -> None:
+                    also: dict | None = None, new_keys: tuple[str, ...] = ()) -> None:
     """Write the changed spec, and `also` (its operation), in one transaction, only if nobody
-    changed the spec since it was `read`: two concurrent modifies must not silently undo one
-    another. The loser gets a 409 and runs again on the new spec."""
+    changed the spec since it was `read` (and none of `new_keys` exists yet): two concurrent
+    modifies must not silently undo one another. The loser gets a 409 and runs again."""
     key = keys.database_spec(name)
-    if not await store.commit_if(key, read, {key: new, **(also or {})}):
+    if not await store.commit_if(key, read, {key: new, **(also or {})}, absent=new_keys):
         raise Conflict(f"database {name} was changed by another request while this one was being applied",
                        "run the command again: it will apply to the database as it is now",
                        code="concurrent_change")

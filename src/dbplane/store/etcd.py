@@ -210,16 +210,19 @@ class Store:
     @_translate
     async def commit_if(self, key: str, expected: bytes | None,
                         items: dict[str, BaseModel | dict | str | bytes],
-                        delete_ranges: Sequence[tuple[str, str]] = ()) -> bool:
+                        delete_ranges: Sequence[tuple[str, str]] = (),
+                        absent: Sequence[str] = ()) -> bool:
         """Compare-and-swap: write items and delete the [start, end) ranges in one
-        transaction, only if `key` still holds `expected` (None: it does not exist).
-        False when another writer changed `key` first: re-read and retry."""
+        transaction, only if `key` still holds `expected` (None: it does not exist) and none
+        of the `absent` keys exists. False when another writer got there first: re-read and
+        retry."""
         k, t = key.encode(), self._client.transactions
-        compare = t.version(k) == 0 if expected is None else t.value(k) == expected
+        compare = [t.version(k) == 0 if expected is None else t.value(k) == expected]
+        compare += [t.version(name.encode()) == 0 for name in absent]
         ops = [t.put(name.encode(), v if isinstance(v, bytes) else self._encode(v))
                for name, v in items.items()]
         ops += [t.delete(start.encode(), range_end=end.encode()) for start, end in delete_ranges]
-        ok, _ = await self._client.transaction(compare=[compare], success=ops, failure=[])
+        ok, _ = await self._client.transaction(compare=compare, success=ops, failure=[])
         return ok
 
     @_translate
