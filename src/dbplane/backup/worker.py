@@ -250,7 +250,10 @@ class BackupWorker:
         log.warning("%s: archiving stopped: %s", spec.name, message)
         status = await store.get(keys.archive_status(spec.name), ArchiveStatus) or ArchiveStatus(
             database=spec.name, archive_id=spec.archive_id, repository=spec.backup.repository)
-        state = "reconnecting" if isinstance(error, ReplicationError) and failures < 3 else "failing"
+        # a primary that is restarting (dbplane up, a switchover) refuses or drops the stream
+        # for a few seconds: that is reconnecting, and failing only if it lasts
+        transient = isinstance(error, (ReplicationError, ConnectionError))
+        state = "reconnecting" if transient and failures < RELEASE_AFTER_FAILURES else "failing"
         if status.error != message and state == "failing":
             event = Event(database=spec.name, kind="archive-failing",
                           message=f"WAL archiving to {spec.backup.repository} fails: {message}")
