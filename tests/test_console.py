@@ -293,6 +293,11 @@ def test_alarms_and_performance_insights(platform, page, console_url, admin_key,
         assert states == sorted(states, key=order.index), states
         screenshot(page, "alarms")
 
+        # the same rule on a 10 s period: its first decision comes 10 s after the alarm was made,
+        # not a default minute (periods before an alarm existed do not count)
+        platform.cli("alarms", "set", alarm, "--database", database, "--metric", "dbplane_pg_connections",
+                     "--denominator", "dbplane_pg_max_connections", "--statistic", "max",
+                     "--threshold", "0.8", "--period", "10")
         row.get_by_role("link", name=alarm).click()
         page.get_by_role("heading", name=alarm, exact=True).wait_for()
         change = page.locator("#alarm-history tr[data-change]").first

@@ -23,7 +23,7 @@ NOW = 1_800_000_000.0
 
 def spec(**kw) -> AlarmSpec:
     base = {"name": "a", "database": "db", "metric": "dbplane_pg_connections", "threshold": 10, "period": 10,
-            "evaluation_periods": 1}
+            "evaluation_periods": 1, "created_at": 0.0}
     return AlarmSpec(**{**base, **kw})
 
 
@@ -371,3 +371,18 @@ async def _routes():
         r = await http.put("/v1/alarms/conn", json=body)
         assert r.status_code == 200 and r.json()["default"]
         assert keys.alarm_deleted_default("conn") not in store.data
+
+
+def test_periods_before_the_alarm_existed_are_left_out_not_missing():
+    """A new Multi-AZ database's replication-broken alarm (missing data breaches) must not fire
+    on the minutes before it existed; it decides once its periods have passed."""
+    s = spec(metric="dbplane_pg_replication_lag_seconds", comparison=">", threshold=300, period=60,
+             evaluation_periods=2, treat_missing="breaching", created_at=NOW - 30)
+    assert rules.datapoints({}, s, NOW) == []
+    v = rules.decide(rules.datapoints({}, s, NOW), s, "INSUFFICIENT_DATA")
+    assert v.state == "INSUFFICIENT_DATA" and "no data yet" in v.reason
+    young = s.model_copy(update={"created_at": NOW - 90})           # one period has passed
+    assert rules.datapoints({}, young, NOW) == [None]
+    assert rules.decide([None], young, "INSUFFICIENT_DATA").state == "OK"   # 1 breaching of 2 needed
+    old = s.model_copy(update={"created_at": NOW - 600})
+    assert rules.decide(rules.datapoints({}, old, NOW), old, "OK").state == "ALARM"

@@ -138,9 +138,11 @@ class AlarmEvaluator:
             del self._evaluated[name]
 
     def _due(self, spec: AlarmSpec, state: AlarmState | None, now: float) -> bool:
-        """New, changed, never evaluated, or its period (at most a minute) has passed."""
+        """New, changed, never evaluated, or its period (at most a minute) has passed. An
+        alarm younger than two periods is looked at every tick: its first period to decide on
+        (rules.datapoints) ends at any moment, not on the evaluation's own beat."""
         updated_at, last = self._evaluated.get(spec.name, (None, 0.0))
-        if state is None or updated_at != spec.updated_at:
+        if state is None or updated_at != spec.updated_at or now - spec.created_at < 2 * spec.period:
             return True
         return now - last >= min(float(spec.period), EVERY_AT_MOST) - 1.0
 

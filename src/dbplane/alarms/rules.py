@@ -96,12 +96,16 @@ def statistic(values: Sequence[float], stat: str) -> float:
 
 
 def datapoints(groups: dict[tuple, Points], spec: AlarmSpec, now: float) -> list[float | None]:
-    """One value per period, oldest first: windows [end - period, end) back from now."""
+    """One value per period, oldest first: windows [end - period, end) back from now. Periods
+    that began before the alarm was created are left out, not missing: a new alarm (a
+    database's defaults, made as it becomes available) has no history to hold against it."""
     worst = max if spec.comparison in (">", ">=") else min
     out: list[float | None] = []
     for i in range(spec.evaluation_periods, 0, -1):
         end = now - (i - 1) * spec.period
         start = end - spec.period
+        if start < spec.created_at:
+            continue
         per_group = []
         for points in groups.values():
             inside = [v for t, v in points if start <= t < end]
@@ -123,6 +127,9 @@ def decide(values: Sequence[float | None], spec: AlarmSpec, current: State) -> V
     newest = values[-1] if values else None
     where = f"{spec.statistic} over {spec.period} s"
     shown = "[" + ", ".join(_fmt(v) for v in values) + "]"
+    if not values:
+        return Verdict("INSUFFICIENT_DATA", f"no data yet: the alarm is younger than its first period of "
+                       f"{spec.period} s", None)
     missing = sum(1 for v in values if v is None)
     if missing == len(values):
         if spec.treat_missing == "missing":
