@@ -3,7 +3,7 @@ are caused for real (connections exhausted, a deadlock, a slow query on an unind
 bloat, an idle-in-transaction session, replay on the standby held by a conflicting query,
 pg_stat_statements not loaded, WAL archiving stopped by an unwritable repository) and the
 diagnosis, evidence and fix are checked, with the metric and the alarm transition for the
-deadlock, the lag and the archive (the connections alarm is in test_alarms.py). Databases
+slow query, the deadlock, the lag and the archive (the connections alarm is in test_alarms.py). Databases
 here are named docdb-*."""
 
 from __future__ import annotations
@@ -122,9 +122,19 @@ def test_pg_stat_statements_missing_is_told_how_to_enable(platform, dbs):
 
 
 def test_slow_query_on_an_unindexed_table_gets_its_index(platform, dbs):
+    # every lookup reads all 200,000 orders: the rows scanned per second give it away
+    scans = f"{DB}-rows-scanned"
+    set_alarm(platform, scans, DB, "dbplane_pg_tuples_returned_total", 100_000)
+    alarm_state(platform, scans, "OK", 60)
     with platform.connect_node(DB, autocommit=True) as c:
-        for customer in range(5):
-            c.execute("SELECT * FROM orders WHERE customer_id = %s", (customer,))
+        def looked_up() -> dict | bool:
+            for customer in range(5):
+                c.execute("SELECT * FROM orders WHERE customer_id = %s", (customer,))
+            return (a := platform.api.get(f"/v1/alarms/{scans}").json())["state"] == "ALARM" and a
+        fired = wait_for(looked_up, 60, f"alarm {scans} to be ALARM")     # bounded: 5 lookups a round
+    assert fired["history"][0]["old"] == "OK" and fired["history"][0]["value"] > 100_000
+    assert newest_value(platform, DB, "dbplane_pg_tuples_returned_total") >= 200_000
+    platform.cli("alarms", "delete", scans)
     rc, findings, _ = doctor(platform, DB)
     (f,) = find(findings, "missing_index", f"db/{DB}", "warning")
     assert f["fix"] == "CREATE INDEX CONCURRENTLY orders_customer_id_idx ON public.orders (customer_id);"
