@@ -93,6 +93,16 @@ def test_point_in_time_restore_returns_exactly_the_first_batch(platform, source)
     with platform.connect("rs-pitr") as c:        # a new database: it takes writes
         c.execute("insert into items (note) values ('after-restore')")
     assert platform.describe("rs-pitr")["status"] == "available"
+    # Patroni recovers with hot_standby off; that pending setting must not cost the restored
+    # (Single-AZ) primary a restart, an outage, when a reload-only parameter changes later
+    started = "select pg_postmaster_start_time()"
+    with platform.connect_node("rs-pitr") as c:
+        before = c.execute(started).fetchone()[0]
+    op = platform.cli_json("db", "modify", "rs-pitr", "--param", "work_mem=8MB", "--wait")
+    assert op["state"] == "succeeded" and platform.describe("rs-pitr")["pending_changes"] == []
+    with platform.connect_node("rs-pitr") as c:
+        assert c.execute("show work_mem").fetchone()[0] == "8MB"
+        assert c.execute(started).fetchone()[0] == before
 
 
 def test_snapshot_restore_to_multi_az(platform, source):

@@ -10,7 +10,7 @@ import threading
 import psycopg
 import pytest
 
-from dbplane.controlplane.changes import compare, config_patch
+from dbplane.controlplane.changes import compare, config_patch, patroni_pending
 from dbplane.controlplane.replicas import wanted_zone
 from dbplane.controlplane.switchover import choose_target
 from dbplane.controlplane.topology import MemberView
@@ -164,6 +164,21 @@ def test_running_values_compare_in_server_units():
     settings = {"max_connections": ("100", None, "integer", False),    # a replica may be higher
                 "shared_buffers": ("4096", "8kB", "integer", True)}     # loaded, awaits restart
     assert compare(replica, wanted, settings) == ([], ["shared_buffers"])
+
+
+@pytest.mark.unit
+def test_a_restored_primary_is_not_restarted_for_hot_standby():
+    """Patroni recovers a restore with hot_standby off; on the promoted primary it is pending
+    but has no effect, so neither pg_settings nor Patroni's flag restarts it for that alone."""
+    settings = {"hot_standby": ("off", None, "bool", True)}
+    assert compare(_view("db-a", "primary"), {"hot_standby": "on"}, settings) == ([], [])
+    assert compare(_view("db-b", "replica"), {"hot_standby": "on"}, settings) == ([], ["hot_standby"])
+    flagged = {"pending_restart": True, "pending_restart_reason": {"hot_standby": {"old_value": "off"}}}
+    assert not patroni_pending(flagged, _view("db-a", "primary"))
+    assert patroni_pending(flagged, _view("db-b", "replica"))
+    both = {**flagged, "pending_restart_reason": {"hot_standby": {}, "max_connections": {}}}
+    assert patroni_pending(both, _view("db-a", "primary"))
+    assert patroni_pending({"pending_restart": True}, _view("db-a", "primary"))   # reason unknown
 
 
 @pytest.mark.unit

@@ -27,6 +27,12 @@ from .topology import MemberView, member_views
 
 log = logging.getLogger("dbplane.controller")
 
+# Settings that act only while a server is in recovery. A primary holding one pending is not
+# restarted for it: a restored primary runs with hot_standby off (Patroni turns it off for a
+# recovery that promotes at its target), and it takes effect at the next start anyway, which
+# a demotion always is.
+RECOVERY_ONLY = frozenset({"hot_standby"})
+
 
 def action_key(db: str) -> str:
     return f"{db}:changes"
@@ -68,7 +74,7 @@ def compare(v: MemberView, wanted: dict[str, str], settings: dict) -> tuple[list
     """(names not loaded yet, names loaded but waiting for a restart) on one member."""
     stale, restart = [], []
     for name, value in wanted.items():
-        if name not in settings:
+        if name not in settings or (name in RECOVERY_ONLY and v.role == "primary"):
             continue
         setting, unit, vartype, pending = settings[name]
         if pending:
@@ -162,7 +168,7 @@ async def restart_pending(p, spec: DatabaseSpec, status: DatabaseStatus,
             continue
         if not_loaded:
             stale.append(f"waiting for {v.name} to load {', '.join(not_loaded)}")
-        patroni_flag = p.snap.patroni(spec.name).members.get(v.name, {}).get("pending_restart")
+        patroni_flag = patroni_pending(p.snap.patroni(spec.name).members.get(v.name, {}), v)
         tag = f"{v.name}@{spec.generation}"
         if (needs or patroni_flag) and tag not in status.restarted:
             restart.append((v, needs))
@@ -176,6 +182,15 @@ async def restart_pending(p, spec: DatabaseSpec, status: DatabaseStatus,
         return [await _restart(p, spec, status, *replicas[0])]
     v, needs = restart[0]
     return [await _restart_primary(p, spec, status, v, needs, views)]
+
+
+def patroni_pending(member: dict, v: MemberView) -> bool:
+    """Patroni's own pending-restart flag (it also covers settings dbplane does not set, and
+    values pg_controldata raised), less the recovery-only ones on a primary."""
+    reasons = member.get("pending_restart_reason") or {}
+    if reasons and v.role == "primary":
+        return any(name not in RECOVERY_ONLY for name in reasons)
+    return bool(member.get("pending_restart"))
 
 
 async def _restart(p, spec, status, v: MemberView, needs: list[str]) -> str:
