@@ -574,13 +574,14 @@ def api(etcd: str = typer.Option(..., help="etcd URL"),
     import uvicorn
 
     from ..httpapi.app import create_app
+    from ..httpapi.https import GRACEFUL_SHUTDOWN_S, serve
     _logging("api")
     host, _, port = listen.rpartition(":")
     if tls_cert and tls_key:
-        from ..httpapi.https import serve
         serve(create_app(etcd, root()), host, int(port), tls_cert, tls_key, root())
         return
-    uvicorn.run(create_app(etcd, root()), host=host, port=int(port), log_level="warning")
+    uvicorn.run(create_app(etcd, root()), host=host, port=int(port), log_level="warning",
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
 @app.command()

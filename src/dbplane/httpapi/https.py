@@ -17,11 +17,16 @@ from ..security import ca, tls
 log = logging.getLogger("dbplane.api")
 
 RENEW_CHECK_S = 3600.0
+# On SIGTERM, requests in flight get this long to finish. Without a bound, each idle
+# keep-alive TLS connection (a browser on the console, a Prometheus scraper) holds shutdown
+# for asyncio's 30 s TLS close_notify timeout, and `dbplane down` waited that long.
+GRACEFUL_SHUTDOWN_S = 5
 
 
 def serve(app, host: str, port: int, cert: Path, key: Path, data_root: Path) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                            ssl_certfile=str(cert), ssl_keyfile=str(key))
+                            ssl_certfile=str(cert), ssl_keyfile=str(key),
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     config.load()
     threading.Thread(target=_keep_renewed, args=(config.ssl, cert, key, data_root),
                      name="api-certificate", daemon=True).start()
