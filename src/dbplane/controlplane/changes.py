@@ -34,6 +34,11 @@ log = logging.getLogger("dbplane.controller")
 RECOVERY_ONLY = frozenset({"hot_standby"})
 
 
+def restarts_for(name: str, v: MemberView) -> bool:
+    """Whether a pending `name` is worth restarting member v for."""
+    return not (name in RECOVERY_ONLY and v.role == "primary")
+
+
 def action_key(db: str) -> str:
     return f"{db}:changes"
 
@@ -74,7 +79,7 @@ def compare(v: MemberView, wanted: dict[str, str], settings: dict) -> tuple[list
     """(names not loaded yet, names loaded but waiting for a restart) on one member."""
     stale, restart = [], []
     for name, value in wanted.items():
-        if name not in settings or (name in RECOVERY_ONLY and v.role == "primary"):
+        if name not in settings or not restarts_for(name, v):
             continue
         setting, unit, vartype, pending = settings[name]
         if pending:
@@ -189,7 +194,7 @@ def patroni_pending(member: dict, v: MemberView) -> bool:
     values pg_controldata raised), less the recovery-only ones on a primary."""
     reasons = member.get("pending_restart_reason") or {}
     if reasons and v.role == "primary":
-        return any(name not in RECOVERY_ONLY for name in reasons)
+        return any(restarts_for(name, v) for name in reasons)
     return bool(member.get("pending_restart"))
 
 
